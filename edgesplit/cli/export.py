@@ -1,0 +1,232 @@
+"""``edgesplit export``: a client segment ▸ an ONNX bundle for a device (plus its server part)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from edgesplit.cli.common import add_training_options, human_bytes, print_json, spec_from_args
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+    p = sub.add_parser(
+        "export", formatter_class=formatter,
+        help="export a client segment to an ONNX bundle for a device",
+        description=(
+            "Export the client segment of a split model as a bundle: client.onnx (torch.export-"
+            "based exporter, dynamic batch axis, one self-contained file, onnx.checker full "
+            "check), manifest.json (shapes, codec, parity, sha256, device fit) and, for ushape, "
+            "head.onnx. The server segment is written beside the bundle as OUT.server/, never "
+            "inside it. The export fails (exit 2) when ONNX Runtime and torch disagree beyond "
+            "tolerance, when int8 costs more accuracy than allowed, or when --device cannot run "
+            "the model (opset or memory).\n\n"
+            "Where the model comes from:\n"
+            "  --from CHECKPOINT   a checkpoint written by `edgesplit train --save` (usual)\n"
+            "  (no --from)         trains first with the data/model/split/optimisation options "
+            "below, exactly like `edgesplit train`\n"
+            "  --untrained         skips training: exports initialised weights (for testing a "
+            "device or a pipeline, not for use)\n\n"
+            "--data: the data for a fresh run (default digits); with --from, the checkpoint's "
+            "dataset unless given. It supplies parity inputs, int8 calibration and the int8 "
+            "test accuracy.\n\n"
+            "examples:\n"
+            "  edgesplit train --data digits --save runs/digits && "
+            "edgesplit export --from runs/digits --device rpi4\n"
+            "  edgesplit export --from runs/digits --weights int8 --out export/out/digits-int8\n"
+            "  edgesplit export --data digits --config ushape --epochs 5"
+        ),
+    )
+    g = p.add_argument_group("what to export")
+    g.add_argument("--from", dest="source", metavar="CHECKPOINT", default=None,
+                   help="checkpoint directory from `edgesplit train --save`; when not given "
+                        "the model is trained first (or exported untrained with --untrained)")
+    g.add_argument("--untrained", action="store_true",
+                   help="without --from: export freshly initialised weights, no training")
+    g.add_argument("--party", type=int, default=0, metavar="K",
+                   help="vertical: which party's client segment to export (0-based); other "
+                        "configurations have one client segment: 0")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", default=None,
+                   help="bundle directory (replaced if it holds an earlier export); when not "
+                        "given: export/out/NAME")
+    g.add_argument("--name", default=None,
+                   help="bundle name; when not given: DATASET-CONFIG[-partyK][-int8]")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    g = p.add_argument_group("target")
+    g.add_argument("--device", metavar="NAME", default=None,
+                   help="device profile (devices/NAME.toml, or a path to a .toml) the export "
+                        "must fit: its max ONNX opset and memory; when not given: no check")
+    g.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                   help="fp32, or int8 (static QDQ quantization calibrated on training data; "
+                        "its accuracy change is measured on the test split)")
+    g.add_argument("--opset", type=int, default=18, metavar="N",
+                   help="ai.onnx opset (18 or newer; the device's max must be at least this)")
+    g.add_argument("--fit-batch", type=int, default=1, metavar="N",
+                   help="batch size the device memory estimate is for")
+    g = p.add_argument_group("checks")
+    g.add_argument("--atol", type=float, default=1e-5,
+                   help="fp32 parity: absolute tolerance of |onnxruntime - torch|")
+    g.add_argument("--rtol", type=float, default=1e-4,
+                   help="fp32 parity: relative tolerance (element passes if diff <= atol + "
+                        "rtol*|torch|)")
+    g.add_argument("--int8-max-drop", type=float, default=2.0, metavar="POINTS",
+                   help="int8: largest test-accuracy drop in percentage points before the "
+                        "export fails")
+    g.add_argument("--calibration-samples", type=int, default=256, metavar="N",
+                   help="int8: training samples that calibrate the quantization ranges")
+    add_training_options(p, epochs=10)
+    p.set_defaults(run=run, data=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgesplit.errors import ConfigError
+    from edgesplit.onnx_export import ExportOptions, export_bundle
+
+    if args.source and args.untrained:
+        raise ConfigError("--untrained exports a fresh model; it cannot be combined with --from")
+    if args.source:
+        model = _from_checkpoint(args)
+    elif args.untrained:
+        model = _untrained(args)
+    else:
+        model = _trained(args)
+    options = ExportOptions(
+        name=args.name, party=args.party, opset=args.opset, weights=args.weights,
+        device=args.device, atol=args.atol, rtol=args.rtol,
+        calibration_samples=args.calibration_samples, int8_max_drop=args.int8_max_drop,
+        fit_batch=args.fit_batch,
+    )
+    report = export_bundle(model, args.out, options)
+    for note in report.warnings:
+        log.debug("exporter warning: %s", note)
+    if args.json:
+        print_json({"bundle": str(report.bundle), "server": str(report.server),
+                    "files": report.files, "manifest": report.manifest,
+                    "warnings": report.warnings})
+        return 0
+    _print_report(report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- sources
+def _load_data(source: str, *, required: bool) -> Any:
+    from edgesplit.data import load_dataset
+    from edgesplit.errors import ConfigError
+
+    try:
+        return load_dataset(source)
+    except ConfigError as exc:
+        if required:
+            raise ConfigError(f"{exc} (int8 needs the data: pass --data)") from None
+        log.warning("no data for parity inputs (%s); checking parity on random inputs", exc)
+        return None
+
+
+def _from_checkpoint(args: argparse.Namespace) -> Any:
+    from edgesplit.onnx_export import SplitModel
+    from edgesplit.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.source)
+    data = _load_data(args.data or checkpoint.spec.data, required=args.weights == "int8")
+    return SplitModel.from_checkpoint(checkpoint, data)
+
+
+def _trained(args: argparse.Namespace) -> Any:
+    from edgesplit.cli.progress import epoch_progress
+    from edgesplit.onnx_export import SplitModel
+    from edgesplit.train.engine import run_training
+
+    args.data = args.data or "digits"
+    spec = spec_from_args(args)
+    with epoch_progress(f"{spec.config} {spec.codec}", spec.epochs, quiet=args.json) as on_epoch:
+        trained = run_training(spec, on_epoch=on_epoch)
+    return SplitModel.from_trained(trained)
+
+
+def _untrained(args: argparse.Namespace) -> Any:
+    import torch
+
+    from edgesplit.codecs import parse_codec
+    from edgesplit.data import load_dataset
+    from edgesplit.onnx_export import SplitModel
+    from edgesplit.train.engine import build_split
+
+    args.data = args.data or "digits"
+    spec = spec_from_args(args)
+    parse_codec(spec.codec)   # the bundle records it: refuse a bad one now
+    parse_codec(spec.grad_codec)
+    data = load_dataset(spec.data)
+    torch.manual_seed(spec.seed)
+    parts = build_split(spec, data.input_shape, data.num_classes,
+                        example=torch.from_numpy(data.x_train[:2]))
+    meta = {"schema": 1, "spec": asdict(spec), "dataset": data.name,
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "cuts": list(parts.cuts), "feature_blocks": [list(b) for b in parts.blocks],
+            "parties": len(parts.lowers), "result": None, "trained": False}
+    return SplitModel(
+        config=spec.config, lowers=list(parts.lowers), server=parts.server, head=parts.head,
+        input_shape=tuple(data.input_shape), num_classes=data.num_classes, codec=spec.codec,
+        grad_codec=spec.grad_codec, cuts=tuple(parts.cuts),
+        feature_blocks=[tuple(b) for b in parts.blocks], dataset=data, meta=meta,
+        trained=False,
+    )
+
+
+# ---------------------------------------------------------------------------------- output
+def _print_report(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = report.manifest
+    fit = m["device"]
+    parity = m["parity"]
+    table = Table(title=f"bundle {m['name']}: {m['config']}, cut {m['cut_shape']}, "
+                        f"codec {m['codec']}")
+    for col in ("file", "size", "opset", "parity", "params", "FLOPs", "device"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    fit_text = "—" if fit is None else f"{fit['device']} ok"
+    for path, size in report.files.items():
+        full = Path(path)
+        name = full.name
+        shown = f"{full.parent.name}/{name}"
+        if name == "client.onnx":
+            row = (str(m["opset"]), _parity(parity), f"{m['client']['segment_params']:,}",
+                   f"{m['client']['segment_flops_per_sample']:,}", fit_text)
+        elif name == "head.onnx" and m["head"]:
+            row = (str(m["opset"]), _parity(m["head"]["parity"]), f"{m['head']['params']:,}",
+                   f"{m['head']['flops_per_sample']:,}", "")
+        else:
+            row = ("", "", "", "", "")
+        table.add_row(shown, human_bytes(size), *row)
+    console = Console()
+    console.print(table)
+    if fit is not None:
+        console.print(
+            f"device {fit['device']}: opset {fit['opset']} ≤ {fit['max_onnx_opset']}, needs "
+            f"~{fit['estimated_memory_bytes'] / 2**20:.0f} MiB of {fit['memory_mib']} MiB at "
+            f"batch {fit['memory']['batch']}, ~{fit['estimated_ms_per_sample']:.3f} ms/sample "
+            f"({fit['precision']}, {fit['execution_provider']})")
+    console.print(f"parity vs torch: {_parity(parity)} max abs, {parity['max_rel']:.1e} max rel "
+                  f"(atol {parity['atol']:g}, rtol {parity['rtol']:g}, batches "
+                  f"{parity['batch_sizes']}); FLOPs and params per sample of the segment")
+    if m["weights"] == "int8":
+        console.print(
+            f"int8 weights: test accuracy {m['int8_accuracy_fp32']:.4f} → {m['int8_accuracy']:.4f}"
+            f" ({m['int8_accuracy_change']:+.2f} points), cut tensor max abs error "
+            f"{m['int8_cut_max_abs']:.3g}")
+    if not m["source"]["trained"]:
+        console.print("[yellow]untrained weights: for testing a device or pipeline only[/]")
+    if parity["samples"] == "random":
+        console.print("[yellow]parity checked on random inputs (no data found)[/]")
+    console.print(f"copy [bold]{report.bundle}[/] to the device; the server segment stays in "
+                  f"{report.server}")
+
+
+def _parity(p: dict[str, Any]) -> str:
+    verdict = "ok" if p["passed"] else "FAILED"
+    return f"{verdict} {p['max_abs']:.1e}"

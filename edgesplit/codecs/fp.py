@@ -1,0 +1,215 @@
+"""Floating-point value stages: ``fp32`` (identity baseline), ``fp16`` and ``bf16``.
+
+All three refuse NaN/inf input, and refuse finite values the narrow format would turn into inf
+(``|x| >= 65520`` for fp16), so a decoded tensor is always finite. Their decoders refuse payloads
+holding NaN/inf bit patterns for the same reason: a peer cannot smuggle non-finite values into the
+receiver's training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from edgesplit.codecs.base import (
+    Buffer,
+    Shape,
+    ValueStage,
+    check_finite,
+    element_count,
+    min_max,
+    register,
+)
+from edgesplit.errors import CodecError
+
+# fp16 rounds |x| >= 65520 (max 65504 plus half a step) to inf.
+_FP16_OVERFLOW = 65520.0
+# bf16 rounds |x| >= this (bit pattern 0x7F7F8000, a tie that rounds to even = inf) to inf.
+_BF16_OVERFLOW = float(np.array(0x7F7F8000, dtype=np.uint32).view(np.float32))
+
+
+def _check_size(name: str, data: Buffer, shape: Shape, itemsize: int) -> int:
+    n = element_count(shape)
+    if len(data) != n * itemsize:
+        raise CodecError(
+            f"{name} payload is {len(data)} bytes; shape {tuple(shape)} implies {n * itemsize}"
+        )
+    return n
+
+
+def _check_range(name: str, x: np.ndarray, overflow: float | None) -> None:
+    if x.size == 0:
+        return
+    lo, hi = min_max(x)
+    check_finite(name, lo, hi, x)
+    if overflow is not None and max(-lo, hi) >= overflow:
+        raise CodecError(
+            f"{name} cannot carry |x| = {max(-lo, hi):.6g}: it overflows to inf at "
+            f"{overflow:.6g}; use a wider stage (bf16 or fp32) or a quantizer"
+        )
+
+
+def _check_decoded(name: str, out: np.ndarray) -> np.ndarray:
+    if out.size:
+        lo, hi = min_max(out)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise CodecError(f"{name} payload holds NaN or inf values; encoders never write them")
+    return out
+
+
+def _le_bytes(a: np.ndarray) -> memoryview:
+    """A flat byte view of ``a`` in little-endian order (a copy only on big-endian hosts)."""
+    le = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return memoryview(np.ascontiguousarray(le).reshape(-1).view(np.uint8))
+
+
+@register
+@dataclass(frozen=True)
+class Fp32(ValueStage):
+    """Raw little-endian float32: the identity baseline every ratio is measured against."""
+
+    name: ClassVar[str] = "fp32"
+    stage_id: ClassVar[int] = 1
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Fp32:
+        cls._no_args(args)
+        return cls()
+
+    @classmethod
+    def from_params(cls, params: bytes) -> Fp32:
+        cls._no_params(params)
+        return cls()
+
+    def params(self) -> bytes:
+        return b""
+
+    def spec(self) -> str:
+        return self.name
+
+    def encoded_size(self, shape: Shape) -> int:
+        return 4 * element_count(shape)
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
+        _check_range(self.name, x, None)
+        return _le_bytes(x)
+
+    def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
+        n = _check_size(self.name, data, shape, 4)
+        # np.frombuffer only, never allow_pickle; astype copies into a writable native array.
+        out = np.frombuffer(data, dtype="<f4", count=n).astype(np.float32).reshape(shape)
+        return _check_decoded(self.name, out)
+
+    def roundtrip(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        _check_range(self.name, x, None)
+        return x.copy()
+
+
+@register
+@dataclass(frozen=True)
+class Fp16(ValueStage):
+    """IEEE half precision (round to nearest even, numpy's cast)."""
+
+    name: ClassVar[str] = "fp16"
+    stage_id: ClassVar[int] = 2
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Fp16:
+        cls._no_args(args)
+        return cls()
+
+    @classmethod
+    def from_params(cls, params: bytes) -> Fp16:
+        cls._no_params(params)
+        return cls()
+
+    def params(self) -> bytes:
+        return b""
+
+    def spec(self) -> str:
+        return self.name
+
+    def encoded_size(self, shape: Shape) -> int:
+        return 2 * element_count(shape)
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
+        _check_range(self.name, x, _FP16_OVERFLOW)
+        return _le_bytes(x.astype("<f2"))
+
+    def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
+        n = _check_size(self.name, data, shape, 2)
+        # np.frombuffer only, never allow_pickle.
+        out = np.frombuffer(data, dtype="<f2", count=n).astype(np.float32).reshape(shape)
+        return _check_decoded(self.name, out)
+
+    def roundtrip(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        _check_range(self.name, x, _FP16_OVERFLOW)
+        return x.astype(np.float16).astype(np.float32)
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounding to nearest, ties to even.
+
+    Adding ``0x7FFF + lsb`` to the fp32 bits and dropping the low half rounds the mantissa
+    correctly and carries into the exponent when it must; finite inputs below the overflow bound
+    cannot carry into the sign bit, and NaN/inf never get here.
+    """
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = np.right_shift(u, 16)
+    np.bitwise_and(r, 1, out=r)
+    np.add(r, 0x7FFF, out=r)
+    np.add(r, u, out=r)
+    np.right_shift(r, 16, out=r)
+    return r.astype("<u2")
+
+
+def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    u = bits.astype(np.uint32)
+    np.left_shift(u, 16, out=u)
+    return u.view(np.float32)
+
+
+@register
+@dataclass(frozen=True)
+class Bf16(ValueStage):
+    """bfloat16: the top 16 bits of float32, rounded to nearest even (fp32's range, 8-bit
+    mantissa)."""
+
+    name: ClassVar[str] = "bf16"
+    stage_id: ClassVar[int] = 3
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Bf16:
+        cls._no_args(args)
+        return cls()
+
+    @classmethod
+    def from_params(cls, params: bytes) -> Bf16:
+        cls._no_params(params)
+        return cls()
+
+    def params(self) -> bytes:
+        return b""
+
+    def spec(self) -> str:
+        return self.name
+
+    def encoded_size(self, shape: Shape) -> int:
+        return 2 * element_count(shape)
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
+        _check_range(self.name, x, _BF16_OVERFLOW)
+        return _le_bytes(_to_bf16_bits(x))
+
+    def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
+        n = _check_size(self.name, data, shape, 2)
+        # np.frombuffer only, never allow_pickle.
+        bits = np.frombuffer(data, dtype="<u2", count=n)
+        return _check_decoded(self.name, _from_bf16_bits(bits).reshape(shape))
+
+    def roundtrip(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        _check_range(self.name, x, _BF16_OVERFLOW)
+        return _from_bf16_bits(_to_bf16_bits(x)).reshape(x.shape)

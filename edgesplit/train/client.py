@@ -1,0 +1,260 @@
+"""Client roles: the part of split learning that runs where the data is.
+
+A client holds its lower segment (and, in ushape, the head and the labels), talks to the server
+only through a :class:`~edgesplit.transport.base.Transport`, and counts the bytes of every frame
+it sends and receives next to what the same tensors would cost at fp32.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesplit.errors import ProtocolError, TransportError
+from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels, fp32_frame_size
+from edgesplit.train.spec import ClientBytes
+from edgesplit.transport.base import Transport
+from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.messages import Kind, Message
+
+
+def expect(reply: Message, *kinds: str) -> Message:
+    """Return ``reply`` if it is one of ``kinds``; turn an ERROR reply into a typed exception."""
+    if reply.kind == Kind.ERROR:
+        code = reply.meta.get("code", "UNKNOWN")
+        text = reply.meta.get("message", "")
+        error = ProtocolError if code == "INVALID_ARGUMENT" else TransportError
+        raise error(f"server refused step {reply.step}: {code}: {text}")
+    if reply.kind not in kinds:
+        raise ProtocolError(f"expected {' or '.join(kinds)} from the server, got {reply.kind!r}")
+    return reply
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    n: int
+
+
+@dataclass
+class SplitClient:
+    """Client of vanilla, splitfed and vertical training (and of ushape with ``head`` set).
+
+    Parameters
+    ----------
+    name: the client's name (its token name on a real server).
+    lower: the client's bottom segment, trained from the gradients the server returns.
+    transport: how requests reach the server.
+    codec, grad_codec: activations up (and ushape middle outputs down) / gradients.
+    num_classes: decides the integer type labels travel in.
+    head: ushape only — the client's last layers; labels then never leave the client.
+    party, parties, group: vertical only — this party's index, the party count and the id that
+        groups the parties of one run on the server.
+    send_labels: vanilla/splitfed/vertical label holder sends labels with its activations.
+    measure_snr: decode a private copy of each activation frame to measure distortion.
+    """
+
+    name: str
+    lower: nn.Module
+    transport: Transport
+    codec: str = "fp32"
+    grad_codec: str = "fp32"
+    num_classes: int = 2
+    lr: float = 0.05
+    momentum: float = 0.9
+    head: nn.Module | None = None
+    party: int | None = None
+    parties: int | None = None
+    group: str = ""
+    send_labels: bool = True
+    measure_snr: bool = True
+    session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    step: int = 0
+    bytes: ClientBytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bytes = ClientBytes(self.name)
+        self.act = TensorCodec.from_spec(self.codec, measure_snr=self.measure_snr)
+        self.grad = TensorCodec.from_spec(self.grad_codec, measure_snr=False)
+        params = list(self.lower.parameters()) + (list(self.head.parameters()) if self.head else [])
+        self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    # ------------------------------------------------------------------ protocol plumbing
+    def _meta(self, **extra: Any) -> dict[str, Any]:
+        meta: dict[str, Any] = dict(extra)
+        if self.group:
+            meta["group"] = self.group
+        if self.party is not None:
+            meta.update(party=self.party, parties=self.parties)
+        return meta
+
+    def _send(
+        self, kind: str, tensors: dict[str, bytes], fp32_up: int, *, count: bool = True, **meta: Any
+    ) -> Message:
+        message = Message(kind, self.session, self.name, self.step, tensors, self._meta(**meta))
+        reply = self.transport.request(message)
+        if kind == Kind.WEIGHTS:
+            self.bytes.weights_up += message.tensor_bytes()
+            self.bytes.weights_down += reply.tensor_bytes()
+        elif count:
+            self.bytes.bytes_up += message.tensor_bytes()
+            self.bytes.bytes_up_fp32 += fp32_up
+            self.bytes.bytes_down += reply.tensor_bytes()
+        return reply
+
+    def _count_down_fp32(self, reply: Message, name: str, shape: tuple[int, ...]) -> None:
+        self.bytes.bytes_down_fp32 += fp32_frame_size(shape)
+        # frames other than the tensor itself (none today) cost the same in both counts
+        self.bytes.bytes_down_fp32 += reply.tensor_bytes() - len(reply.tensors[name])
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> StepResult:
+        """One step: forward the lower segment, exchange with the server, apply the gradient."""
+        self.step += 1
+        self.lower.train()
+        act = self.lower(x)
+        frame = self.act.encode(act)
+        tensors = {"act": frame}
+        fp32_up = fp32_frame_size(tuple(act.shape))
+        if self.head is None and self.send_labels and y is not None:
+            tensors["labels"] = encode_labels(y, self.num_classes)
+            fp32_up += len(tensors["labels"])
+        reply = expect(
+            self._send(Kind.FORWARD, tensors, fp32_up, train=True, want_grad=True),
+            Kind.GRADIENT,
+            Kind.MIDDLE,
+        )
+        if self.head is not None:
+            return self._ushape_rest(act, y, reply)
+        grad = self.grad.decode(reply.frame("grad"))
+        self._count_down_fp32(reply, "grad", tuple(grad.shape))
+        self._apply(act, grad)
+        meta = reply.meta
+        return StepResult(
+            float(meta.get("loss", float("nan"))),
+            int(meta.get("correct", 0)),
+            int(meta.get("n", len(x))),
+        )
+
+    def _ushape_rest(self, act: torch.Tensor, y: torch.Tensor | None, reply: Message) -> StepResult:
+        if y is None or self.head is None:
+            raise ProtocolError("ushape training needs the client's labels and head")
+        mid = self.act.decode(reply.frame("mid")).requires_grad_(True)
+        self._count_down_fp32(reply, "mid", tuple(mid.shape))
+        self.head.train()
+        logits = self.head(mid)
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # fills the head's grads and mid.grad
+        frame = self.grad.encode(mid.grad)
+        reply2 = expect(
+            self._send(Kind.MIDDLE_GRAD, {"grad": frame}, fp32_frame_size(tuple(mid.shape))),
+            Kind.GRADIENT,
+        )
+        grad = self.grad.decode(reply2.frame("grad"))
+        self._count_down_fp32(reply2, "grad", tuple(grad.shape))
+        act.backward(self._checked(grad, act))
+        self.optimizer.step()
+        correct = int((logits.argmax(1) == y).sum())
+        return StepResult(float(loss.detach()), correct, len(y))
+
+    def _checked(self, grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        if grad.shape != act.shape:
+            raise ProtocolError(
+                f"server gradient has shape {tuple(grad.shape)}, activations {tuple(act.shape)}"
+            )
+        return grad
+
+    def _apply(self, act: torch.Tensor, grad: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        act.backward(self._checked(grad, act))  # straight-through: the codec has no gradient
+        self.optimizer.step()
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        """Class ids for ``x``, through the codec and the server (not counted as training bytes)."""
+        self.step += 1
+        self.lower.eval()
+        act = self.lower(x)
+        reply = expect(
+            self._send(Kind.PREDICT, {"act": self.act.encode(act)}, 0, count=False),
+            Kind.PREDICTION,
+            Kind.MIDDLE,
+        )
+        if self.head is None:
+            return decode_labels(reply.frame("pred")).numpy()
+        self.head.eval()
+        mid = self.act.decode(reply.frame("mid"))
+        return self.head(mid).argmax(1).numpy()
+
+    # ------------------------------------------------------------------ weights
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {f"lower.{k}": v for k, v in self.lower.state_dict().items()}
+        if self.head is not None:
+            state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return state
+
+    def weights_frames(self) -> tuple[dict[str, bytes], int]:
+        """This client's weights (lower, and head in ushape) as fp32 frames, and their length."""
+        frames = {
+            name: encode_frame(t.detach().numpy(), "fp32") for name, t in self._state().items()
+        }
+        return frames, sum(len(f) for f in frames.values())
+
+    def load_weights_frames(self, frames: dict[str, bytes]) -> None:
+        state = self._state()
+        if set(frames) != set(state):
+            raise ProtocolError(f"weights carry {sorted(frames)}, this client has {sorted(state)}")
+        arrays = {n: torch.from_numpy(decode_frame(f).copy()) for n, f in frames.items()}
+        self.lower.load_state_dict({n[6:]: a for n, a in arrays.items() if n.startswith("lower.")})
+        if self.head is not None:
+            self.head.load_state_dict(
+                {n[5:]: a for n, a in arrays.items() if n.startswith("head.")}
+            )
+
+    def send_weights_to_peer(self, peer: SplitClient) -> None:
+        """ushape hand-off straight to the next client: the head must never reach the server."""
+        frames, size = self.weights_frames()
+        self.bytes.weights_up += size
+        peer.bytes.weights_down += size
+        peer.load_weights_frames({n: bytes(f) for n, f in frames.items()})
+
+    def hand_off(self) -> None:
+        """Vanilla: leave this client's lower weights with the server for the next client."""
+        self.step += 1
+        frames, size = self.weights_frames()
+        expect(self._send(Kind.WEIGHTS, frames, size, mode="put"), Kind.ACK)
+
+    def take_over(self) -> None:
+        """Vanilla: start from the weights the previous client left with the server."""
+        self.step += 1
+        reply = expect(self._send(Kind.WEIGHTS, {}, 0, mode="get"), Kind.WEIGHTS)
+        if reply.tensors:
+            self.load_weights_frames(dict(reply.tensors))
+
+    def federated_average(self, round_: int, index: int, clients: int, n_samples: int) -> None:
+        """Splitfed: send the lower weights, get back the FedAvg of every client's."""
+        self.step += 1
+        frames, size = self.weights_frames()
+        reply = expect(
+            self._send(
+                Kind.WEIGHTS,
+                frames,
+                size,
+                mode="average",
+                round=round_,
+                index=index,
+                clients=clients,
+                n_samples=n_samples,
+            ),
+            Kind.WEIGHTS,
+        )
+        self.load_weights_frames(dict(reply.tensors))

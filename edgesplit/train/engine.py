@@ -1,0 +1,403 @@
+"""The in-process split training engine: every configuration of the design, run through real
+client and server roles that exchange real frames over a transport.
+
+:func:`run_training` is what ``edgesplit train``, ``edgesplit demo`` and the evaluator call.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesplit.data import Dataset, load_dataset
+from edgesplit.errors import ConfigError
+from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
+from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
+from edgesplit.split.profile import profile_segment
+from edgesplit.train.client import SplitClient
+from edgesplit.train.server import SplitServer
+from edgesplit.train.spec import CONFIGS, TrainResult, TrainSpec
+from edgesplit.transport.base import Handler, Transport
+from edgesplit.transport.inprocess import InProcessTransport
+
+#: Makes the transport a client uses; the default is in-process.
+TransportFactory = Callable[[Handler, str], Transport]
+#: Called after each epoch with (epoch, epochs, history row) — progress bars hook in here.
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainedSplit:
+    """A finished run: what it measured and the trained segments (for ``--save``)."""
+
+    spec: TrainSpec
+    result: TrainResult
+    dataset: Dataset
+    client_segments: list[nn.Module]  # one per client (vertical: one per party)
+    server_segment: nn.Module
+    head: nn.Module | None = None  # ushape: the client's last layers
+    cuts: tuple[str, ...] = ()
+    feature_blocks: list[tuple[int, int]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index batches of one shuffled epoch (the last batch may be smaller)."""
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def shards(n: int, clients: int, seed: int) -> list[np.ndarray]:
+    """Split sample indices into ``clients`` IID shards of (almost) equal size."""
+    order = np.random.default_rng(seed + 7919).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, clients)]
+
+
+def feature_blocks(num_features: int, parties: int, spec: str | None) -> list[tuple[int, int]]:
+    """Vertical partition of the last feature axis: ``"0:10,10:30"`` or K contiguous blocks."""
+    if spec:
+        blocks = []
+        for part in spec.split(","):
+            try:
+                lo, hi = (int(v) for v in part.split(":"))
+            except ValueError:
+                raise ConfigError(f"--feature-split part {part!r} must be START:STOP") from None
+            if not 0 <= lo < hi <= num_features:
+                raise ConfigError(f"--feature-split block {part!r} is outside 0:{num_features}")
+            blocks.append((lo, hi))
+        if len(blocks) != parties:
+            raise ConfigError(f"--feature-split gives {len(blocks)} blocks for {parties} parties")
+        return blocks
+    if parties > num_features:
+        raise ConfigError(f"{parties} parties cannot split {num_features} features")
+    edges = np.linspace(0, num_features, parties + 1).round().astype(int)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(parties)]
+
+
+def _validate(spec: TrainSpec) -> None:
+    if spec.config not in CONFIGS:
+        raise ConfigError(f"unknown config {spec.config!r}; valid: {', '.join(CONFIGS)}")
+    if spec.clients < 1:
+        raise ConfigError(f"--clients must be at least 1, got {spec.clients}")
+    if spec.config == "vertical" and spec.clients < 2:
+        raise ConfigError("vertical needs at least 2 parties: pass --clients 2 (or more)")
+    if spec.epochs < 1 or spec.batch_size < 1 or not spec.lr > 0:
+        raise ConfigError("--epochs and --batch-size must be ≥ 1 and --lr > 0")
+    from edgesplit.codecs import parse_codec
+
+    parse_codec(spec.codec)
+    parse_codec(spec.grad_codec)
+
+
+def resolve_cuts(spec: TrainSpec, input_shape: tuple[int, ...]) -> tuple[str, ...]:
+    family = family_of(spec.model, input_shape)
+    default = None
+    if family is not None:
+        default = DEFAULT_USHAPE_CUTS[family] if spec.config == "ushape" else DEFAULT_CUTS[family]
+    return parse_cuts(spec.cut, spec.config, default)
+
+
+def _fused_upper(upper: nn.Sequential, fused_width: int) -> nn.Sequential:
+    """Vertical: the server's upper layers take the concatenation of every party's output, so
+    its first Linear layer is rebuilt for that width (same output width, fresh weights)."""
+    layers = list(upper.named_children())
+    for i, (name, layer) in enumerate(layers):
+        if isinstance(layer, nn.Flatten):
+            continue
+        if isinstance(layer, nn.Linear):
+            layers[i] = (name, nn.Linear(fused_width, layer.out_features))
+            return nn.Sequential(OrderedDict(layers))
+        break
+    raise ConfigError(
+        "vertical needs a cut whose server segment starts with a Linear layer (it concatenates "
+        f"the parties' features); the server segment starts with {layers[0][0]!r}"
+    )
+
+
+@dataclass
+class SplitParts:
+    """The segments of one split model (before any client copies are made)."""
+
+    lowers: list[nn.Module]  # one, or one per vertical party
+    server: nn.Module
+    head: nn.Module | None
+    cuts: tuple[str, ...]
+    blocks: list[tuple[int, int]]  # vertical feature blocks
+    party_shapes: list[tuple[int, ...]]
+
+
+def build_split(
+    spec: TrainSpec,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    example: torch.Tensor | None = None,
+) -> SplitParts:
+    """Build the model ``spec`` names for this data and cut it as its configuration needs."""
+    cuts = resolve_cuts(spec, input_shape)
+    model = build_model(spec.model, input_shape, num_classes)
+    if example is not None:
+        check_chain(model, example)
+    if spec.config == "ushape":
+        lower, middle, head = cut_ushape(model, *cuts)
+        return SplitParts([lower], middle, head, cuts, [], [input_shape])
+    if spec.config != "vertical":
+        lower, upper = cut_model(model, cuts[0])
+        return SplitParts([lower], upper, None, cuts, [], [input_shape])
+    blocks = feature_blocks(input_shape[-1], spec.clients, spec.feature_split)
+    lowers, shapes, width = [], [], 0
+    for lo, hi in blocks:
+        shape = (*input_shape[:-1], hi - lo)
+        lower, _ = cut_model(build_model(spec.model, shape, num_classes), cuts[0])
+        lowers.append(lower)
+        shapes.append(shape)
+        width += math.prod(profile_segment(lower, shape).output_shape)
+    _, upper = cut_model(model, cuts[0])
+    return SplitParts(lowers, _fused_upper(upper, width), None, cuts, blocks, shapes)
+
+
+class _Run:
+    """State of one in-process run (kept small: the roles hold the real state)."""
+
+    def __init__(self, spec: TrainSpec, transport_factory: TransportFactory | None) -> None:
+        _validate(spec)
+        self.spec = spec
+        self.data = load_dataset(spec.data)
+        self.factory = transport_factory or (lambda handler, _name: InProcessTransport(handler))
+        torch.manual_seed(spec.seed)
+        self.group = uuid.uuid4().hex[:8]
+        self.input_shape = self.data.input_shape
+        self._build()
+
+    def _build(self) -> None:
+        spec, data = self.spec, self.data
+        parts = build_split(
+            spec, self.input_shape, data.num_classes, example=torch.from_numpy(data.x_train[:2])
+        )
+        self.cuts, self.blocks, self.head = parts.cuts, parts.blocks, parts.head
+        server_seg = parts.server
+        lowers, heads = parts.lowers, [parts.head] * len(parts.lowers)
+        if spec.config in ("vanilla", "ushape", "splitfed"):
+            # every client starts from the same initial weights, each with its own copy
+            lowers = [parts.lowers[0]] + [
+                copy.deepcopy(parts.lowers[0]) for _ in range(spec.clients - 1)
+            ]
+            heads = [parts.head] + [copy.deepcopy(parts.head) for _ in range(spec.clients - 1)]
+        self.server = SplitServer(
+            spec.config, server_seg, codec=spec.codec, grad_codec=spec.grad_codec, lr=spec.lr
+        )
+        self.clients = [
+            SplitClient(
+                name=f"client-{i}",
+                lower=lower,
+                transport=self.factory(self.server.handle, f"client-{i}"),
+                codec=spec.codec,
+                grad_codec=spec.grad_codec,
+                num_classes=data.num_classes,
+                lr=spec.lr,
+                head=heads[i],
+                party=i if spec.config == "vertical" else None,
+                parties=spec.clients if spec.config == "vertical" else None,
+                group=self.group,
+                send_labels=(spec.config != "vertical" or i == 0),
+            )
+            for i, lower in enumerate(lowers)
+        ]
+
+    # ------------------------------------------------------------------ data views
+    def party_x(self, x: np.ndarray, party: int) -> torch.Tensor:
+        if self.spec.config == "vertical":
+            lo, hi = self.blocks[party]
+            x = x[..., lo:hi]
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    # ------------------------------------------------------------------ schedules
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        spec, data = self.spec, self.data
+        losses: list[tuple[float, int, int]] = []
+        rng = np.random.default_rng([spec.seed, epoch])
+        if spec.config in ("vanilla", "ushape"):
+            shard_list = (
+                shards(len(data.y_train), len(self.clients), spec.seed)
+                if len(self.clients) > 1
+                else [np.arange(len(data.y_train))]
+            )
+            for i, client in enumerate(self.clients):
+                if len(self.clients) > 1 and (i > 0 or epoch > 0):
+                    if spec.config == "ushape":  # peer to peer: the head never meets the server
+                        self.clients[i - 1].send_weights_to_peer(client)
+                    else:
+                        client.take_over()
+                for idx in batches(len(shard_list[i]), spec.batch_size, rng):
+                    rows = shard_list[i][idx]
+                    r = client.train_step(
+                        self.party_x(data.x_train[rows], i), torch.from_numpy(data.y_train[rows])
+                    )
+                    losses.append((r.loss, r.correct, r.n))
+                if len(self.clients) > 1 and spec.config == "vanilla":
+                    client.hand_off()
+        elif spec.config == "splitfed":
+            shard_list = shards(len(data.y_train), len(self.clients), spec.seed)
+            plans = [
+                [shard_list[i][idx] for idx in batches(len(shard_list[i]), spec.batch_size, rng)]
+                for i in range(len(self.clients))
+            ]
+            # the clients run in parallel; in one process their batches interleave
+            for b in range(max(len(p) for p in plans)):
+                for i, client in enumerate(self.clients):
+                    if b < len(plans[i]):
+                        rows = plans[i][b]
+                        r = client.train_step(
+                            torch.from_numpy(data.x_train[rows]),
+                            torch.from_numpy(data.y_train[rows]),
+                        )
+                        losses.append((r.loss, r.correct, r.n))
+            self._parallel(
+                lambda i, c: c.federated_average(epoch, i, len(self.clients), len(shard_list[i]))
+            )
+        else:  # vertical: every party runs the same batch of sample ids
+            for idx in batches(len(data.y_train), spec.batch_size, rng):
+                y = torch.from_numpy(data.y_train[idx])
+                results = self._parallel(
+                    lambda i, c, idx=idx, y=y: c.train_step(self.party_x(data.x_train[idx], i), y)
+                )
+                r = results[0]
+                losses.append((r.loss, r.correct, r.n))
+        n = sum(k for _, _, k in losses)
+        return {
+            "loss": sum(loss * k for loss, _, k in losses) / n,
+            "train_accuracy": sum(c for _, c, _ in losses) / n,
+        }
+
+    def _parallel(self, fn: Callable[[int, SplitClient], Any]) -> list[Any]:
+        """Run ``fn`` for every client at once (barriers on the server need all of them)."""
+        with ThreadPoolExecutor(len(self.clients)) as pool:
+            futures = [pool.submit(fn, i, c) for i, c in enumerate(self.clients)]
+            return [f.result() for f in futures]
+
+    def test_accuracy(self) -> float:
+        data, spec = self.data, self.spec
+        correct = 0
+        for start in range(0, len(data.y_test), 256):
+            rows = slice(start, start + 256)
+            if spec.config == "vertical":
+                preds = self._parallel(
+                    lambda i, c, rows=rows: c.predict(self.party_x(data.x_test[rows], i))
+                )[0]
+            else:
+                # after the last hand-off / average, the last client holds the current weights
+                preds = self.clients[-1].predict(torch.from_numpy(data.x_test[rows]))
+            correct += int((preds == data.y_test[rows]).sum())
+        return correct / len(data.y_test)
+
+    def result(self, history: list[dict[str, float]], accuracy: float) -> TrainResult:
+        spec = self.spec
+        per_client = [c.bytes for c in self.clients]
+        lower_shape = (
+            self.input_shape
+            if spec.config != "vertical"
+            else (*self.input_shape[:-1], self.blocks[0][1] - self.blocks[0][0])
+        )
+        lower_prof = profile_segment(self.clients[0].lower, lower_shape)
+        client_params = sum(sum(p.numel() for p in c.lower.parameters()) for c in self.clients) // (
+            1 if spec.config == "vertical" else len(self.clients)
+        )
+        client_flops = lower_prof.flops
+        if spec.config == "vertical":
+            client_flops = sum(
+                profile_segment(c.lower, (*self.input_shape[:-1], hi - lo)).flops
+                for c, (lo, hi) in zip(self.clients, self.blocks, strict=True)
+            )
+        server_in = (
+            [
+                sum(
+                    math.prod(
+                        profile_segment(c.lower, (*self.input_shape[:-1], hi - lo)).output_shape
+                    )
+                    for c, (lo, hi) in zip(self.clients, self.blocks, strict=True)
+                )
+            ]
+            if spec.config == "vertical"
+            else lower_prof.output_shape
+        )
+        server_prof = profile_segment(self.server.segment, tuple(server_in))
+        if self.head is not None:
+            head_prof = profile_segment(self.head, tuple(server_prof.output_shape))
+            client_params += head_prof.params
+            client_flops += head_prof.flops
+        act_stats = [c.act.stats for c in self.clients]
+        signal = sum(s.signal_power for s in act_stats)
+        noise = sum(s.noise_power for s in act_stats)
+        snr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
+
+        def total(field: str) -> int:
+            return sum(getattr(b, field) for b in per_client)
+
+        return TrainResult(
+            config=spec.config,
+            codec=self.clients[0].act.codec.spec,
+            grad_codec=self.clients[0].grad.codec.spec,
+            accuracy=accuracy,
+            loss=history[-1]["loss"],
+            bytes_up=total("bytes_up"),
+            bytes_down=total("bytes_down"),
+            bytes_up_fp32=total("bytes_up_fp32"),
+            bytes_down_fp32=total("bytes_down_fp32"),
+            weights_up=total("weights_up"),
+            weights_down=total("weights_down"),
+            cut_shape=lower_prof.output_shape,
+            train_samples=len(self.data.y_train),
+            epochs=spec.epochs,
+            snr_db=snr,
+            encode_seconds=sum(s.encode_seconds for s in act_stats),
+            decode_seconds=self.server.act_codec.stats.decode_seconds,
+            client_params=client_params,
+            server_params=server_prof.params,
+            client_flops=client_flops,
+            server_flops=server_prof.flops,
+            clients=per_client,
+            history=history,
+        )
+
+
+def run_training(
+    spec: TrainSpec,
+    *,
+    on_epoch: EpochCallback | None = None,
+    transport_factory: TransportFactory | None = None,
+) -> TrainedSplit:
+    """Train ``spec`` in one process, through the real codecs and frames, and report.
+
+    Raises
+    ------
+    ConfigError, CodecError: for a bad spec (unknown config, codec, cut, model or data).
+    """
+    run = _Run(spec, transport_factory)
+    history: list[dict[str, float]] = []
+    for epoch in range(spec.epochs):
+        row = run.train_epoch(epoch)
+        history.append(row)
+        if on_epoch:
+            on_epoch(epoch, spec.epochs, row)
+    accuracy = run.test_accuracy()
+    result = run.result(history, accuracy)
+    return TrainedSplit(
+        spec=spec,
+        result=result,
+        dataset=run.data,
+        client_segments=[c.lower for c in run.clients],
+        server_segment=run.server.segment,
+        head=run.head,
+        cuts=run.cuts,
+        feature_blocks=run.blocks,
+    )

@@ -1,0 +1,90 @@
+"""Torch tensors <-> frames, with the bookkeeping the engine reports (bytes, SNR, timings)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from edgesplit.codecs import Codec, parse_codec
+from edgesplit.wire.frame import decode_frame, encode_frame
+
+
+@lru_cache(maxsize=256)
+def fp32_frame_size(shape: tuple[int, ...]) -> int:
+    """Length of the fp32 frame of a tensor of this shape: the baseline every ratio uses."""
+    return len(encode_frame(np.zeros(shape, dtype=np.float32), "fp32"))
+
+
+@dataclass
+class CodecStats:
+    """Time spent in one codec and the distortion it caused, accumulated over a run."""
+
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    signal_power: float = 0.0
+    noise_power: float = 0.0
+    frames: int = 0
+
+    @property
+    def snr_db(self) -> float:
+        """10·log10(Σa² / Σ(a-â)²) over everything encoded; inf when lossless."""
+        if self.noise_power == 0.0:
+            return math.inf
+        if self.signal_power == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal_power / self.noise_power)
+
+
+@dataclass
+class TensorCodec:
+    """A codec bound to one direction of one tensor stream."""
+
+    codec: Codec
+    stats: CodecStats = field(default_factory=CodecStats)
+    measure_snr: bool = True
+
+    @classmethod
+    def from_spec(cls, spec: str | Codec, *, measure_snr: bool = True) -> TensorCodec:
+        return cls(parse_codec(spec) if isinstance(spec, str) else spec, measure_snr=measure_snr)
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        array = tensor.detach().cpu().numpy()
+        start = time.perf_counter()
+        frame = encode_frame(array, self.codec)
+        self.stats.encode_seconds += time.perf_counter() - start
+        self.stats.frames += 1
+        if self.measure_snr:
+            # decode a private copy for the distortion figure; its time is not counted as decode
+            decoded = decode_frame(frame)
+            diff = decoded.astype(np.float64) - array.astype(np.float64)
+            self.stats.signal_power += float(np.square(array, dtype=np.float64).sum())
+            self.stats.noise_power += float(np.square(diff).sum())
+        return frame
+
+    def decode(self, frame: bytes) -> torch.Tensor:
+        start = time.perf_counter()
+        array = decode_frame(frame)
+        self.stats.decode_seconds += time.perf_counter() - start
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def encode_labels(labels: torch.Tensor | np.ndarray, num_classes: int) -> bytes:
+    """Labels travel as the smallest unsigned integer type that holds the class ids."""
+    from edgesplit.data import label_dtype
+
+    array = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return encode_frame(array.astype(label_dtype(num_classes)), "fp32")
+
+
+def decode_labels(frame: bytes) -> torch.Tensor:
+    array = decode_frame(frame)
+    if array.dtype.kind not in "iu":
+        from edgesplit.errors import FrameError
+
+        raise FrameError(f"labels frame holds {array.dtype} values; expected integer class ids")
+    return torch.from_numpy(array.astype(np.int64))

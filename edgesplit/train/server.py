@@ -1,0 +1,537 @@
+"""The server role: holds the full-precision upper (or middle) segment and answers protocol
+messages. The same object serves the in-process engine and the gRPC server.
+
+It never trusts a peer: every frame is decoded by the hardened decoder, bad input becomes an
+``INVALID_ARGUMENT`` error reply (never an exception that would take the server down), and a
+repeated step is answered from the record instead of being applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesplit.errors import CodecError, ConfigError, FrameError, ProtocolError
+from edgesplit.train.frames import TensorCodec, decode_labels, fp32_frame_size
+from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.messages import Kind, Message, error_message
+
+log = logging.getLogger(__name__)
+
+#: Kinds whose effect must happen once per step (their replies are recorded for retries).
+_RECORDED = {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.WEIGHTS}
+_RECORDS_PER_CLIENT = 64
+
+
+@dataclass
+class ClientStats:
+    """What the server has seen from one client."""
+
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    labelled: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    repeats: int = 0
+    errors: int = 0
+    last_seen: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "samples": self.samples,
+            "loss": self.loss_sum / self.labelled if self.labelled else None,
+            "accuracy": self.correct / self.labelled if self.labelled else None,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "repeats": self.repeats,
+            "errors": self.errors,
+            "last_seen": self.last_seen,
+        }
+
+
+@dataclass
+class _Barrier:
+    """Collects one contribution per party for a step, then holds the per-party replies."""
+
+    expected: int
+    parts: dict[int, Any] = field(default_factory=dict)
+    replies: dict[int, Message] | None = None
+    error: str | None = None
+
+
+class SplitServer:
+    """Server side of split learning for one configuration.
+
+    Parameters
+    ----------
+    config:
+        ``vanilla``/``splitfed`` (server holds the upper layers and the loss), ``ushape`` (server
+        holds the middle; never sees labels or logits) or ``vertical`` (server concatenates the
+        parties' cut outputs, then runs its upper layers).
+    segment:
+        The server's full-precision segment; trained in place.
+    codec, grad_codec:
+        Codec specs for tensors the server sends: activations (ushape ``mid``) and gradients.
+    optimizer:
+        Defaults to SGD(lr, momentum) over ``segment``'s parameters.
+    wait_timeout:
+        Seconds a vertical party or a FedAvg participant waits for the others.
+    on_probe:
+        Called with a dict of metrics whenever a probe (reference fp32 batch) is evaluated.
+    """
+
+    def __init__(
+        self,
+        config: str,
+        segment: nn.Module,
+        *,
+        codec: str = "fp32",
+        grad_codec: str = "fp32",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        optimizer: torch.optim.Optimizer | None = None,
+        wait_timeout: float = 120.0,
+        on_probe: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.segment = segment
+        self.optimizer = optimizer or torch.optim.SGD(
+            segment.parameters(), lr=lr, momentum=momentum
+        )
+        self.act_codec = TensorCodec.from_spec(codec, measure_snr=False)
+        self.grad_codec = TensorCodec.from_spec(grad_codec, measure_snr=False)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.wait_timeout = wait_timeout
+        self.on_probe = on_probe
+        self.stats: dict[str, ClientStats] = defaultdict(ClientStats)
+        self.probes: list[dict[str, Any]] = []
+        self.steps_applied = 0
+        self._cond = threading.Condition(threading.RLock())
+        self._records: dict[tuple[str, str], OrderedDict[tuple[str, int], Message]] = defaultdict(
+            OrderedDict
+        )
+        self._ushape_graphs: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._barriers: dict[tuple[str, int], _Barrier] = {}
+        self._handoff: dict[str, bytes] | None = None
+        self._last_step: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------------ entry point
+    def handle(self, message: Message) -> Message:
+        """Answer one request. Never raises for bad input: returns an ERROR reply instead."""
+        stats = self.stats[message.client]
+        stats.bytes_in += message.tensor_bytes()
+        stats.last_seen = time.time()
+        try:
+            reply = self._handle_once(message)
+        except (FrameError, CodecError, ProtocolError, ConfigError) as exc:
+            stats.errors += 1
+            log.warning(
+                "bad %s from %s step %d: %s", message.kind, message.client, message.step, exc
+            )
+            reply = error_message(message, "INVALID_ARGUMENT", str(exc))
+        except TimeoutError as exc:
+            stats.errors += 1
+            reply = error_message(message, "DEADLINE_EXCEEDED", str(exc))
+        stats.bytes_out += reply.tensor_bytes()
+        return reply
+
+    def _handle_once(self, message: Message) -> Message:
+        if message.kind not in _RECORDED:
+            return self._dispatch(message)
+        key = (message.kind, message.step)
+        with self._cond:
+            records = self._records[(message.session, message.client)]
+            if key in records:
+                self.stats[message.client].repeats += 1
+                return records[key]
+            last = self._last_step.get((message.session, message.client), -1)
+            if message.step < last:
+                raise ProtocolError(
+                    f"step {message.step} is older than the last applied step {last}; "
+                    "steps must increase within a session"
+                )
+        reply = self._dispatch(message)
+        if reply.kind != Kind.ERROR:
+            with self._cond:
+                records[key] = reply
+                session_key = (message.session, message.client)
+                self._last_step[session_key] = max(
+                    self._last_step.get(session_key, -1), message.step
+                )
+                while len(records) > _RECORDS_PER_CLIENT:
+                    records.popitem(last=False)
+        return reply
+
+    def _dispatch(self, message: Message) -> Message:
+        handlers = {
+            Kind.HELLO: self._hello,
+            Kind.FORWARD: self._forward,
+            Kind.PREDICT: self._predict,
+            Kind.MIDDLE_GRAD: self._middle_grad,
+            Kind.WEIGHTS: self._weights,
+            Kind.STATUS: lambda m: Message(
+                Kind.STATUS, m.session, m.client, m.step, meta=self.status()
+            ),
+        }
+        handler = handlers.get(message.kind)
+        if handler is None:
+            raise ProtocolError(
+                f"server does not accept {message.kind!r} messages; "
+                f"expected one of {', '.join(sorted(handlers))}"
+            )
+        return handler(message)
+
+    # ------------------------------------------------------------------ messages
+    def _hello(self, message: Message) -> Message:
+        last = self._last_step.get((message.session, message.client), -1)
+        return Message(
+            Kind.WELCOME,
+            message.session,
+            message.client,
+            message.step,
+            meta={
+                "config": self.config,
+                "resume_step": last + 1,
+                "codec": self.act_codec.codec.spec,
+                "grad_codec": self.grad_codec.codec.spec,
+            },
+        )
+
+    def _forward(self, message: Message) -> Message:
+        if self.config == "vertical":
+            return self._vertical(message, train=True)
+        act = self._decode_act(message)
+        if self.config == "ushape":
+            if "labels" in message.tensors:
+                raise ProtocolError("ushape clients keep their labels: do not send 'labels'")
+            return self._ushape_forward(message, act)
+        labels = self._labels(message, len(act))
+        want_grad = bool(message.meta.get("want_grad", True))
+        with self._cond:
+            act.requires_grad_(want_grad)
+            self.segment.train()
+            logits = self.segment(act)
+            loss = self.loss_fn(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.steps_applied += 1
+        self._count(message.client, len(act), loss, logits, labels)
+        tensors = {"grad": self.grad_codec.encode(act.grad)} if want_grad else {}
+        if "act_ref" in message.tensors:
+            self._probe(message, act.detach(), labels)
+        return Message(
+            Kind.GRADIENT,
+            message.session,
+            message.client,
+            message.step,
+            tensors,
+            {
+                "loss": float(loss.detach()),
+                "correct": int((logits.argmax(1) == labels).sum()),
+                "n": len(act),
+            },
+        )
+
+    def _predict(self, message: Message) -> Message:
+        if self.config == "vertical":
+            return self._vertical(message, train=False)
+        act = self._decode_act(message)
+        with self._cond, torch.no_grad():
+            self.segment.eval()
+            out = self.segment(act)
+        if self.config == "ushape":
+            return Message(
+                Kind.MIDDLE,
+                message.session,
+                message.client,
+                message.step,
+                {"mid": self.act_codec.encode(out)},
+            )
+        return self._prediction(message, out)
+
+    def _prediction(self, message: Message, logits: torch.Tensor) -> Message:
+        pred = logits.argmax(1).numpy().astype(np.int64)
+        meta: dict[str, Any] = {"n": len(pred)}
+        if "labels" in message.tensors:
+            labels = decode_labels(message.tensors["labels"])
+            meta["correct"] = int((torch.from_numpy(pred) == labels).sum())
+            meta["loss"] = float(self.loss_fn(logits, labels))
+        return Message(
+            Kind.PREDICTION,
+            message.session,
+            message.client,
+            message.step,
+            {"pred": encode_frame(pred, "fp32")},
+            meta,
+        )
+
+    def _ushape_forward(self, message: Message, act: torch.Tensor) -> Message:
+        with self._cond:
+            act.requires_grad_(True)
+            self.segment.train()
+            mid = self.segment(act)
+            self._ushape_graphs[(message.session, message.client, message.step)] = (act, mid)
+            # a client that vanished must not pin its graphs forever
+            while len(self._ushape_graphs) > 256:
+                self._ushape_graphs.pop(next(iter(self._ushape_graphs)))
+        self.stats[message.client].samples += len(act)
+        return Message(
+            Kind.MIDDLE,
+            message.session,
+            message.client,
+            message.step,
+            {"mid": self.act_codec.encode(mid)},
+        )
+
+    def _middle_grad(self, message: Message) -> Message:
+        if self.config != "ushape":
+            raise ProtocolError(
+                f"{Kind.MIDDLE_GRAD} is only valid in ushape, server runs {self.config}"
+            )
+        with self._cond:
+            graph = self._ushape_graphs.pop((message.session, message.client, message.step), None)
+        if graph is None:
+            raise ProtocolError(
+                f"no ushape forward pending for step {message.step}; send FORWARD first"
+            )
+        act, mid = graph
+        grad = self.grad_codec.decode(message.frame("grad"))
+        if grad.shape != mid.shape:
+            raise ProtocolError(
+                f"grad shape {tuple(grad.shape)} does not match middle output "
+                f"shape {tuple(mid.shape)}"
+            )
+        with self._cond:
+            self.optimizer.zero_grad(set_to_none=True)
+            mid.backward(grad)
+            self.optimizer.step()
+            self.steps_applied += 1
+        self.stats[message.client].steps += 1
+        return Message(
+            Kind.GRADIENT,
+            message.session,
+            message.client,
+            message.step,
+            {"grad": self.grad_codec.encode(act.grad)},
+        )
+
+    def _vertical(self, message: Message, *, train: bool) -> Message:
+        party = int(message.meta.get("party", -1))
+        parties = int(message.meta.get("parties", 0))
+        if not 0 <= party < parties:
+            raise ProtocolError(
+                f"vertical messages need meta party in [0, parties), "
+                f"got party={party} parties={parties}"
+            )
+        act = self._decode_act(message)
+        labels = decode_labels(message.tensors["labels"]) if "labels" in message.tensors else None
+        key = (f"{message.kind}:{message.meta.get('group', '')}", message.step)
+
+        def compute(parts: dict[int, Any]) -> dict[int, Message]:
+            order = sorted(parts)
+            acts = [parts[k][0] for k in order]
+            label_list = [parts[k][1] for k in order if parts[k][1] is not None]
+            if train and not label_list:
+                raise ProtocolError("no party sent labels for this vertical step")
+            if len({len(a) for a in acts}) != 1:
+                raise ProtocolError(f"parties sent different batch sizes {[len(a) for a in acts]}")
+            for a in acts:
+                a.requires_grad_(train)
+            joined = torch.cat([a.flatten(1) for a in acts], dim=1)
+            if train:
+                self.segment.train()
+                logits = self.segment(joined)
+                loss = self.loss_fn(logits, label_list[0])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.steps_applied += 1
+                self._count(message.client, len(joined), loss, logits, label_list[0])
+                meta = {
+                    "loss": float(loss.detach()),
+                    "n": len(joined),
+                    "correct": int((logits.argmax(1) == label_list[0]).sum()),
+                }
+                return {
+                    k: Message(
+                        Kind.GRADIENT,
+                        "",
+                        "",
+                        0,
+                        {"grad": self.grad_codec.encode(parts[k][0].grad)},
+                        meta,
+                    )
+                    for k in order
+                }
+            with torch.no_grad():
+                self.segment.eval()
+                logits = self.segment(joined)
+            return {k: self._prediction(Message(Kind.PREDICT), logits) for k in order}
+
+        reply = self._barrier(key, parties, party, (act, labels), compute)
+        return Message(
+            reply.kind,
+            message.session,
+            message.client,
+            message.step,
+            reply.tensors,
+            dict(reply.meta),
+        )
+
+    def _weights(self, message: Message) -> Message:
+        mode = message.meta.get("mode")
+        if mode == "put":  # vanilla hand-off: keep the lower weights for the next client
+            with self._cond:
+                self._handoff = dict(message.tensors)
+            return Message(Kind.ACK, message.session, message.client, message.step)
+        if mode == "get":
+            with self._cond:
+                tensors = dict(self._handoff or {})
+            return Message(Kind.WEIGHTS, message.session, message.client, message.step, tensors)
+        if mode == "average":  # splitfed: FedAvg over every client of the round
+            clients = int(message.meta.get("clients", 0))
+            rnd = int(message.meta.get("round", -1))
+            weight = float(message.meta.get("n_samples", 1))
+            arrays = {name: decode_frame(frame) for name, frame in message.tensors.items()}
+
+            def average(parts: dict[int, Any]) -> dict[int, Message]:
+                total = sum(w for w, _ in parts.values())
+                names = next(iter(parts.values()))[1].keys()
+                for _, arrs in parts.values():
+                    if arrs.keys() != names:
+                        raise ProtocolError("FedAvg participants sent different parameter names")
+                avg = {
+                    n: sum(w * arrs[n].astype(np.float64) for w, arrs in parts.values()) / total
+                    for n in names
+                }
+                tensors = {n: encode_frame(a.astype(np.float32), "fp32") for n, a in avg.items()}
+                return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
+
+            index = int(message.meta.get("index", -1))
+            reply = self._barrier(
+                (f"avg:{message.meta.get('group', '')}", rnd),
+                clients,
+                index,
+                (weight, arrays),
+                average,
+            )
+            return Message(
+                Kind.WEIGHTS, message.session, message.client, message.step, reply.tensors
+            )
+        raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
+
+    # ------------------------------------------------------------------ helpers
+    def _barrier(
+        self,
+        key: tuple[str, int],
+        expected: int,
+        index: int,
+        part: Any,
+        compute: Callable[[dict[int, Any]], dict[int, Message]],
+    ) -> Message:
+        """Wait until ``expected`` participants have sent their part for ``key``; the last one
+        computes every reply. Each participant leaves with its own reply."""
+        if not 0 <= index < expected:
+            raise ProtocolError(f"participant index {index} outside 0..{expected - 1}")
+        with self._cond:
+            barrier = self._barriers.setdefault(key, _Barrier(expected))
+            barrier.parts[index] = part
+            if len(barrier.parts) == expected and barrier.replies is None:
+                try:
+                    barrier.replies = compute(barrier.parts)
+                except (FrameError, CodecError, ProtocolError) as exc:
+                    barrier.error = str(exc)
+                    barrier.replies = {}
+                self._cond.notify_all()
+            deadline = time.monotonic() + self.wait_timeout
+            while barrier.replies is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._barriers.pop(key, None)
+                    raise TimeoutError(
+                        f"waited {self.wait_timeout:.0f}s for "
+                        f"{expected - len(barrier.parts)} more participant(s)"
+                    )
+                self._cond.wait(left)
+            if barrier.error:
+                raise ProtocolError(barrier.error)
+            reply = barrier.replies.pop(index)
+            if not barrier.replies:
+                self._barriers.pop(key, None)
+            return reply
+
+    def _decode_act(self, message: Message) -> torch.Tensor:
+        act = self.act_codec.decode(message.frame("act"))
+        if act.ndim < 2 or len(act) == 0:
+            raise ProtocolError(
+                f"activation frame must be a non-empty batch, got {tuple(act.shape)}"
+            )
+        return act
+
+    def _labels(self, message: Message, batch: int) -> torch.Tensor:
+        labels = decode_labels(message.frame("labels"))
+        if labels.shape != (batch,):
+            raise ProtocolError(
+                f"labels shape {tuple(labels.shape)} does not match the batch "
+                f"of {batch} activations"
+            )
+        return labels
+
+    def _count(
+        self, client: str, n: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        stats = self.stats[client]
+        stats.steps += 1
+        stats.samples += n
+        stats.labelled += n
+        stats.loss_sum += float(loss.detach()) * n
+        stats.correct += int((logits.argmax(1) == labels).sum())
+
+    def _probe(self, message: Message, act: torch.Tensor, labels: torch.Tensor) -> None:
+        """Compare the decoded batch with the same batch at fp32: what compression costs."""
+        ref = self.act_codec.decode(message.tensors["act_ref"])
+        if ref.shape != act.shape:
+            raise ProtocolError(f"act_ref shape {tuple(ref.shape)} != act {tuple(act.shape)}")
+        with torch.no_grad():
+            self.segment.eval()
+            out_dec, out_ref = self.segment(act), self.segment(ref)
+            self.segment.train()
+        noise = float(((act - ref) ** 2).sum())
+        signal = float((ref**2).sum())
+        record = {
+            "client": message.client,
+            "step": message.step,
+            "n": len(act),
+            "accuracy_decoded": float((out_dec.argmax(1) == labels).float().mean()),
+            "accuracy_reference": float((out_ref.argmax(1) == labels).float().mean()),
+            "loss_decoded": float(self.loss_fn(out_dec, labels)),
+            "loss_reference": float(self.loss_fn(out_ref, labels)),
+            "snr_db": 10 * np.log10(signal / noise) if noise > 0 else float("inf"),
+            "bytes_act": len(message.tensors["act"]),
+            "bytes_act_fp32": fp32_frame_size(tuple(act.shape)),
+        }
+        self.probes.append(record)
+        if self.on_probe:
+            self.on_probe(record)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot: per client counters and the latest probe."""
+        return {
+            "config": self.config,
+            "steps_applied": self.steps_applied,
+            "clients": {name: s.row() for name, s in sorted(self.stats.items())},
+            "last_probe": self.probes[-1] if self.probes else None,
+        }

@@ -1,0 +1,25 @@
+"""What a transport is: something that carries a request :class:`Message` to a server handler
+and brings its reply back. The engine only ever talks to this interface."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from edgesplit.wire.messages import Message
+
+#: A server-side handler: one request in, one reply out. It must never raise for bad input;
+#: it returns a ``Kind.ERROR`` message instead so the server keeps serving everyone else.
+Handler = Callable[[Message], Message]
+
+
+class Transport(Protocol):
+    """Client side of a connection to a split server."""
+
+    def request(self, message: Message) -> Message:
+        """Send one request and wait for its reply."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...

@@ -1,0 +1,1 @@
+"""The wire: frame format (frame.py) and protocol messages (messages.py). numpy only."""

@@ -1,0 +1,107 @@
+"""Protocol messages: what the training engine and the edge runtime say to a server.
+
+A :class:`Message` is transport-neutral. Tensors travel inside it only as encoded frames
+(``bytes`` made by :func:`edgesplit.wire.frame.encode_frame`), so the in-process transport and
+gRPC carry exactly the same bytes and byte counts are the lengths of real frames. Scalars and
+small settings travel in ``meta`` (JSON-serialisable values only — never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgesplit.errors import ProtocolError
+
+
+class Kind:
+    """Message kinds. Requests come from clients, replies from the server."""
+
+    # session set-up
+    HELLO = "hello"  # client -> server: meta {config, mode, codec, grad_codec, ...}
+    WELCOME = "welcome"  # server -> client: meta {session settings, resume_step}
+    # one training or inference step
+    FORWARD = "forward"  # tensors {act, [labels], [act_ref]} meta {train, want_grad}
+    GRADIENT = "gradient"  # tensors {[grad]} meta {loss, correct, n}
+    PREDICT = "predict"  # tensors {act} -> PREDICTION
+    PREDICTION = "prediction"  # tensors {pred} (int64 class ids)
+    # ushape: the server holds the middle, the client holds the head and labels
+    MIDDLE = "middle"  # server -> client: tensors {mid}
+    MIDDLE_GRAD = "middle_grad"  # client -> server: tensors {grad} -> GRADIENT (cut gradient)
+    # weights: splitfed averaging, vanilla hand-off between clients
+    WEIGHTS = "weights"  # tensors {<param name>: frame} meta {round, n_samples}
+    # housekeeping
+    ACK = "ack"
+    STATUS = "status"
+    ERROR = "error"  # meta {code, message}
+    BYE = "bye"
+
+
+@dataclass
+class Message:
+    """One protocol message.
+
+    Attributes
+    ----------
+    kind:
+        One of the :class:`Kind` constants.
+    session:
+        Session id chosen by the client (stable across reconnects).
+    client:
+        The client's name (its token name on a real server).
+    step:
+        Monotonic step id within the session. A request whose step was already answered is
+        answered again from the server's record and never applied twice.
+    tensors:
+        Name -> encoded frame bytes.
+    meta:
+        Name -> JSON-serialisable scalar, list or dict.
+    """
+
+    kind: str
+    session: str = ""
+    client: str = ""
+    step: int = 0
+    tensors: dict[str, bytes] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tensor_bytes(self) -> int:
+        """Bytes of the tensor frames this message carries (what byte counts report)."""
+        return sum(len(b) for b in self.tensors.values())
+
+    def frame(self, name: str) -> bytes:
+        """The frame called ``name``; a :class:`ProtocolError` naming what was there if absent."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            have = ", ".join(sorted(self.tensors)) or "none"
+            raise ProtocolError(
+                f"{self.kind} message is missing tensor {name!r} (it carries: {have})"
+            ) from None
+
+    def meta_json(self) -> str:
+        return json.dumps(self.meta, separators=(",", ":"), sort_keys=True)
+
+    @staticmethod
+    def meta_from_json(text: str) -> dict[str, Any]:
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(f"message meta is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ProtocolError(f"message meta must be a JSON object, got {type(value).__name__}")
+        return value
+
+
+def error_message(request: Message, code: str, text: str) -> Message:
+    """The reply that tells a client its request failed; ``code`` is a gRPC-style status name."""
+    return Message(
+        Kind.ERROR,
+        request.session,
+        request.client,
+        request.step,
+        meta={"code": code, "message": text},
+    )

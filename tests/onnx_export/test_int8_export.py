@@ -1,0 +1,69 @@
+"""int8 export: static QDQ quantization calibrated on training data, its accuracy change measured
+against the fp32 client in front of the same server segment."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgesplit.edge.bundle import load_bundle
+from edgesplit.errors import ExportError
+from edgesplit.onnx_export import ExportOptions, SplitModel, export_bundle
+
+
+@pytest.fixture(scope="module")
+def trained(digits_trained):
+    return digits_trained
+
+
+@pytest.fixture(scope="module")
+def report(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "digits-int8"
+    return export_bundle(SplitModel.from_trained(trained), out,
+                         ExportOptions(weights="int8", device="rpi4"))
+
+
+def test_int8_accuracy_change_is_recorded_and_small(report, trained):
+    m = report.manifest
+    assert m["weights"] == "int8" and m["name"] == "digits-vanilla-int8"
+    assert m["int8_accuracy_fp32"] == pytest.approx(trained.result.accuracy)
+    assert m["int8_accuracy_change"] == pytest.approx(
+        (m["int8_accuracy"] - m["int8_accuracy_fp32"]) * 100)
+    # int8 on digits stays within a few points of fp32
+    assert abs(m["int8_accuracy_change"]) <= 3.0
+    assert 0 < m["int8_cut_max_abs"] < 1.0
+    assert m["int8"]["calibration_samples"] == 256 and m["int8"]["format"] == "QDQ"
+    assert m["int8"]["test_samples"] == len(trained.dataset.y_test)
+    assert m["parity"]["passed"] and m["parity"]["model"] == "fp32"
+    assert m["device"]["precision"] == "int8" and m["device"]["fits"]
+
+
+def test_int8_model_is_quantized_checked_and_smaller(report):
+    path = report.bundle / "client.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    fp32_size = (64 * 128 + 128) * 4
+    assert path.stat().st_size < fp32_size / 2
+
+
+def test_int8_bundle_runs_close_to_fp32(report, trained):
+    bundle = load_bundle(report.bundle)
+    x = trained.dataset.x_test[:32]
+    with torch.no_grad():
+        want = trained.client_segments[-1].eval()(torch.from_numpy(x)).numpy()
+    got = bundle.run(x)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() <= report.manifest["int8_cut_max_abs"] + 1e-6 or \
+        np.abs(got - want).max() < 0.1
+
+
+def test_int8_needs_data(trained, tmp_path):
+    model = SplitModel.from_trained(trained)
+    model.dataset = None
+    with pytest.raises(ExportError, match="int8 needs the training data"):
+        export_bundle(model, tmp_path / "x", ExportOptions(weights="int8"))

@@ -1,0 +1,86 @@
+"""Protocol rules the server enforces: labels stay home in ushape, a repeated step is answered
+from the record and never applied twice, bad frames become INVALID_ARGUMENT replies."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgesplit.train.engine import run_training
+from edgesplit.train.server import SplitServer
+from edgesplit.train.spec import TrainSpec
+from edgesplit.transport.inprocess import InProcessTransport
+from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.messages import Kind, Message
+
+
+def test_ushape_server_never_receives_labels_or_logits():
+    seen: list[Message] = []
+
+    def spying_factory(handler, name):
+        def spy(message: Message) -> Message:
+            seen.append(message)
+            return handler(message)
+
+        return InProcessTransport(spy)
+
+    trained = run_training(
+        TrainSpec(config="ushape", clients=2, epochs=1), transport_factory=spying_factory
+    )
+    num_classes = trained.dataset.num_classes
+    assert seen, "the spy saw no traffic"
+    kinds = {m.kind for m in seen}
+    assert kinds <= {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.PREDICT}, kinds
+    for m in seen:
+        assert set(m.tensors) <= {"act", "grad"}, m.tensors.keys()
+        assert not {"loss", "correct", "labels"} & set(m.meta)
+        for frame in m.tensors.values():
+            array = decode_frame(frame)
+            assert array.dtype.kind == "f"  # no integer label frames
+            assert array.shape[-1] != num_classes  # nothing shaped like logits
+    # the head's output (logits) is computed only on the client
+    assert trained.head is not None and trained.head[-1].out_features == num_classes
+
+
+def _server_and_forward():
+    torch.manual_seed(0)
+    upper = torch.nn.Sequential(torch.nn.Linear(8, 3))
+    server = SplitServer("vanilla", upper)
+    act = encode_frame(np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32), "q8")
+    labels = encode_frame(np.array([0, 1, 2, 1], dtype=np.uint8), "fp32")
+    msg = Message(
+        Kind.FORWARD,
+        "s1",
+        "alice",
+        5,
+        {"act": act, "labels": labels},
+        {"train": True, "want_grad": True},
+    )
+    return server, upper, msg
+
+
+def test_repeated_step_is_answered_from_record_not_applied_twice():
+    server, upper, msg = _server_and_forward()
+    first = server.handle(msg)
+    weights = upper[0].weight.detach().clone()
+    again = server.handle(msg)
+    assert first.kind == Kind.GRADIENT and again.tensors == first.tensors
+    assert server.steps_applied == 1 and server.stats["alice"].repeats == 1
+    torch.testing.assert_close(upper[0].weight, weights, rtol=0, atol=0)
+    older = Message(**{**msg.__dict__, "step": 4})
+    assert server.handle(older).kind == Kind.ERROR
+
+
+def test_malformed_frame_is_an_invalid_argument_reply():
+    server, _, msg = _server_and_forward()
+    bad = Message(**{**msg.__dict__, "tensors": {**msg.tensors, "act": b"ESF\x01garbage"}})
+    reply = server.handle(bad)
+    assert reply.kind == Kind.ERROR and reply.meta["code"] == "INVALID_ARGUMENT"
+    assert server.handle(msg).kind == Kind.GRADIENT  # and it keeps serving
+
+
+def test_wrong_label_count_is_refused():
+    server, _, msg = _server_and_forward()
+    msg.tensors["labels"] = encode_frame(np.array([0, 1], dtype=np.uint8), "fp32")
+    reply = server.handle(msg)
+    assert reply.kind == Kind.ERROR and "labels shape" in reply.meta["message"]
