@@ -154,4 +154,11 @@ def family_of(model: str, input_shape: tuple[int, ...]) -> str | None:
     """The built-in family ``model`` resolves to, or ``None`` for a user factory."""
     if model == "auto":
         return family_for_shape(input_shape)
-    return model if model in FAMILIES else None
+    if model in FAMILIES:
+        return model
+    if ":" in model:
+        return None
+    raise ConfigError(
+        f"unknown model {model!r}; use auto, {', '.join(FAMILIES)}, or file.py:build / "
+        "package.module:build"
+    )

@@ -11,6 +11,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Small split models run fastest on one thread; two spinning intra-op threads per process slow
+# everything down when tests and servers share two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the edge-only environment has no torch
+    pass
+
 
 def run_cli(
     *args: str, timeout: float = 300, env: dict[str, str] | None = None

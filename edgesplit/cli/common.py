@@ -58,6 +58,16 @@ def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -
     g.add_argument("--batch-size", type=int, default=32, help="samples per step")
     g.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
     g.add_argument("--seed", type=int, default=0, help="random seed (weights, batch order)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; small split models are fastest on one, raise "
+                        "it for large CNNs")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (torch must be importable: training commands only)."""
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:

@@ -233,9 +233,9 @@ def _print_summary(doc: dict[str, Any], out: Any, trained: int, reused: int) -> 
     from rich.table import Table
 
     console = Console()
-    table = Table(title="edgesplit evaluate", show_lines=False)
+    table = Table(title="edgesplit evaluate (bytes per sample, mean over seeds)")
     for col, justify in (("cut", "left"), ("codec", "left"), ("acc %", "right"),
-                         ("± std", "right"), ("B up/sample", "right"), ("B down/sample", "right"),
+                         ("± std", "right"), ("up B", "right"), ("down B", "right"),
                          ("ratio", "right"), ("SNR dB", "right"), ("Pareto", "center")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in doc.get("rows", []):

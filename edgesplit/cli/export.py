@@ -77,8 +77,9 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     g.add_argument("--int8-max-drop", type=float, default=2.0, metavar="POINTS",
                    help="int8: largest test-accuracy drop in percentage points before the "
                         "export fails")
-    g.add_argument("--calibration-samples", type=int, default=256, metavar="N",
-                   help="int8: training samples that calibrate the quantization ranges")
+    g.add_argument("--calibration-samples", type=int, default=1024, metavar="N",
+                   help="int8: training samples (random subset) that calibrate the MinMax "
+                        "quantization ranges")
     add_training_options(p, epochs=10)
     p.set_defaults(run=run, data=None)
 
@@ -209,7 +210,7 @@ def _print_report(report: Any) -> None:
         console.print(
             f"device {fit['device']}: opset {fit['opset']} ≤ {fit['max_onnx_opset']}, needs "
             f"~{fit['estimated_memory_bytes'] / 2**20:.0f} MiB of {fit['memory_mib']} MiB at "
-            f"batch {fit['memory']['batch']}, ~{fit['estimated_ms_per_sample']:.3f} ms/sample "
+            f"batch {fit['memory']['batch']}, ~{_per_sample(fit['estimated_ms_per_sample'])} "
             f"({fit['precision']}, {fit['execution_provider']})")
     console.print(f"parity vs torch: {_parity(parity)} max abs, {parity['max_rel']:.1e} max rel "
                   f"(atol {parity['atol']:g}, rtol {parity['rtol']:g}, batches "
@@ -225,6 +226,10 @@ def _print_report(report: Any) -> None:
         console.print("[yellow]parity checked on random inputs (no data found)[/]")
     console.print(f"copy [bold]{report.bundle}[/] to the device; the server segment stays in "
                   f"{report.server}")
+
+
+def _per_sample(ms: float) -> str:
+    return f"{ms * 1e3:.1f} µs/sample" if ms < 0.1 else f"{ms:.2f} ms/sample"
 
 
 def _parity(p: dict[str, Any]) -> str:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from edgesplit.cli.common import add_training_options, human_bytes, print_json, spec_from_args
+from edgesplit.cli.common import (
+    add_training_options,
+    human_bytes,
+    print_json,
+    set_threads,
+    spec_from_args,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
@@ -33,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.train.checkpoint import save_checkpoint
     from edgesplit.train.engine import run_training
 
+    set_threads(args)
     spec = spec_from_args(args)
-    with epoch_progress(f"{spec.config} {spec.codec}", spec.epochs, quiet=args.json) as on_epoch:
-        trained = run_training(spec, on_epoch=on_epoch)
+    label = f"{spec.config} {spec.codec}"
+    with epoch_progress(label, spec.epochs, quiet=args.json, per_epoch=True) as progress:
+        trained = run_training(spec, on_epoch=progress, on_step=progress.step)
     saved = save_checkpoint(args.save, trained) if args.save else None
     result = trained.result
     if args.json:
@@ -58,7 +66,8 @@ def print_result_table(result, dataset: str) -> None:  # noqa: ANN001 - TrainRes
         title=f"{result.config} on {dataset}: cut {result.cut_shape}, "
         f"{len(result.clients)} client(s)"
     )
-    for col in ("client", "bytes up", "bytes down", "up fp32", "down fp32", "ratio up"):
+    for col in ("client", "bytes up", "bytes down", "up fp32", "down fp32", "ratio up",
+                "weights ↑/↓"):
         table.add_column(col, justify="right")
     for c in result.clients:
         ratio = c.bytes_up_fp32 / c.bytes_up if c.bytes_up else float("nan")
@@ -69,6 +78,7 @@ def print_result_table(result, dataset: str) -> None:  # noqa: ANN001 - TrainRes
             human_bytes(c.bytes_up_fp32),
             human_bytes(c.bytes_down_fp32),
             f"{ratio:.1f}×",
+            f"{human_bytes(c.weights_up)} / {human_bytes(c.weights_down)}",
         )
     console = Console()
     console.print(table)

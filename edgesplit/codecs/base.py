@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, TypeVar, Union
 
 import numpy as np
@@ -39,12 +39,23 @@ class StageKind(enum.IntEnum):
     BYTES = 2
 
 
-def element_count(shape: Sequence[int]) -> int:
+def element_count(shape: Iterable[int]) -> int:
     """Number of elements of ``shape`` (Python ints: no overflow, whatever the frame claims)."""
     n = 1
     for d in shape:
         n *= int(d)
     return n
+
+
+def check_shape(shape: Sequence[int]) -> Shape:
+    """``shape`` as a tuple of ints that numpy can address (non-negative, product of the non-zero
+    dims below 2**62) — so building an array of it raises nothing but a CodecError."""
+    out = tuple(int(d) for d in shape)
+    if any(d < 0 for d in out):
+        raise CodecError(f"shape {out} has a negative dimension")
+    if element_count(d for d in out if d) >= 1 << 62:
+        raise CodecError(f"shape {out} is too large to address")
+    return out
 
 
 def min_max(x: np.ndarray) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from edgesplit.codecs.base import (
     Stage,
     StageKind,
     ValueStage,
+    check_shape,
     element_count,
 )
 from edgesplit.errors import CodecError
@@ -342,7 +343,7 @@ class Codec:
         numpy.ndarray
             A writable, native-byte-order array of ``shape``.
         """
-        shape = tuple(int(d) for d in shape)
+        shape = check_shape(shape)
         dt = np.dtype(dtype)
         data = memoryview(payload).cast("B")
         n = element_count(shape)
@@ -372,7 +373,7 @@ class Codec:
     ) -> np.ndarray:
         """Decode a float payload with this (already validated) chain; see :meth:`decode`,
         which is what a receiver should call."""
-        shape = tuple(int(d) for d in shape)
+        shape = check_shape(shape)
         data = memoryview(payload).cast("B")
         inner = self.inner_size(shape)
         if max_inner_bytes is not None and inner > max_inner_bytes:

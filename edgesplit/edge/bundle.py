@@ -40,39 +40,39 @@ BATCH = "batch"
 WEIGHTS = ("fp32", "int8")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
-#: Top-level manifest keys and the JSON types they must have (``None`` in a tuple = may be null).
+#: Top-level manifest keys (schema 1) and the JSON types they must have (``None``: may be null).
 REQUIRED_KEYS: dict[str, tuple[type | None, ...]] = {
-    "schema": (int,),
-    "name": (str,),
-    "created": (str,),
-    "config": (str,),
-    "party": (int,),
-    "parties": (int,),
-    "feature_block": (list, None),
-    "full_input_shape": (list,),
-    "files": (dict,),
-    "sha256": (dict,),
-    "input": (dict,),
-    "output": (dict,),
-    "cuts": (list,),
-    "cut_shape": (list,),
-    "head": (dict, None),
-    "codec": (str,),
-    "grad_codec": (str,),
+    "schema": (int,),                   # SCHEMA_VERSION
+    "name": (str,),                     # bundle name
+    "created": (str,),                  # ISO 8601 UTC time of the export
+    "config": (str,),                   # vanilla | ushape | vertical | splitfed
+    "party": (int,),                    # which client segment this is (vertical party K, else 0)
+    "parties": (int,),                  # how many client segments the model has
+    "feature_block": (list, None),      # vertical: [start, stop) of the last feature axis
+    "full_input_shape": (list,),        # one full sample (before the vertical feature slice)
+    "files": (dict,),                   # {"client": "client.onnx", "head": "head.onnx" | null}
+    "sha256": (dict,),                  # file name -> hex SHA-256, for every model file
+    "input": (dict,),                   # {name, shape: ["batch", ...], dtype} of client.onnx
+    "output": (dict,),                  # the same for its output (the cut tensor)
+    "cuts": (list,),                    # cut layer name(s)
+    "cut_shape": (list,),               # per-sample shape of the cut tensor
+    "head": (dict, None),               # ushape: {file, input, output, parity, params, ...}
+    "codec": (str,),                    # activation codec the client encodes the cut with
+    "grad_codec": (str,),               # gradient codec (training against a live server)
     "num_classes": (int,),
-    "label_dtype": (str,),
-    "opset": (int,),
-    "weights": (str,),
-    "parity": (dict,),
-    "int8_accuracy_fp32": (float, int, None),
-    "int8_accuracy": (float, int, None),
-    "int8_accuracy_change": (float, int, None),
-    "int8_cut_max_abs": (float, int, None),
-    "client": (dict,),
-    "device": (dict, None),
-    "server_segment": (str,),
-    "source": (dict,),
-    "versions": (dict,),
+    "label_dtype": (str,),              # dtype labels travel in (uint8 up to 256 classes)
+    "opset": (int,),                    # ai.onnx opset of the model files
+    "weights": (str,),                  # fp32 | int8
+    "parity": (dict,),                  # PARITY_KEYS: ORT vs torch eager on the fp32 model
+    "int8_accuracy_fp32": (float, int, None),    # int8 only: test accuracy, fp32 client
+    "int8_accuracy": (float, int, None),         # int8 only: test accuracy, int8 client
+    "int8_accuracy_change": (float, int, None),  # int8 only: difference in points
+    "int8_cut_max_abs": (float, int, None),      # int8 only: max |int8 cut - fp32 cut|
+    "client": (dict,),                  # params, flops_per_sample, file_bytes, ...
+    "device": (dict, None),             # the device check (fits, opset, memory, ms/sample)
+    "server_segment": (str,),           # relative path of the server folder (not shipped)
+    "source": (dict,),                  # checkpoint, dataset, trained, accuracy
+    "versions": (dict,),                # exporter, torch, onnx, onnxruntime, edgesplit
 }
 #: Keys every tensor description (``input``, ``output``, ``head.input``, ``head.output``) holds.
 TENSOR_KEYS = ("name", "shape", "dtype")

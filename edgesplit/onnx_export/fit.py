@@ -8,9 +8,10 @@ from typing import Any
 from edgesplit.devices import MIB, DeviceProfile
 from edgesplit.errors import ExportError
 
-#: Resident memory of a process that has imported numpy + onnxruntime and opened a small
-#: session, before any model weights or activations (measured by bench/edge_runtime.py as
-#: ~45 MiB on x86-64 Linux with onnxruntime 1.32; rounded up for other builds).
+#: Resident memory of a process that has imported numpy + onnxruntime + edgesplit.edge and run
+#: a small session (measured by bench/edge_runtime.py: ~60 MiB VmRSS on x86-64 Linux, Python
+#: 3.11, onnxruntime 1.32; rounded up). Small next to any device profile, but it is what makes
+#: a microcontroller-class "device" fail the memory check.
 RUNTIME_OVERHEAD_MIB = 64
 
 

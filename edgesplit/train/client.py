@@ -7,6 +7,7 @@ it sends and receives next to what the same tensors would cost at fp32.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,12 @@ def expect(reply: Message, *kinds: str) -> Message:
     if reply.kind not in kinds:
         raise ProtocolError(f"expected {' or '.join(kinds)} from the server, got {reply.kind!r}")
     return reply
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """A short digest of a batch's sample ids: vertical parties prove they hold the same
+    samples in the same order without sending the ids themselves."""
+    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -115,7 +122,9 @@ class SplitClient:
         self.bytes.bytes_down_fp32 += reply.tensor_bytes() - len(reply.tensors[name])
 
     # ------------------------------------------------------------------ training
-    def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> StepResult:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor | None, ids: np.ndarray | None = None
+    ) -> StepResult:
         """One step: forward the lower segment, exchange with the server, apply the gradient."""
         self.step += 1
         self.lower.train()
@@ -127,7 +136,14 @@ class SplitClient:
             tensors["labels"] = encode_labels(y, self.num_classes)
             fp32_up += len(tensors["labels"])
         reply = expect(
-            self._send(Kind.FORWARD, tensors, fp32_up, train=True, want_grad=True),
+            self._send(
+                Kind.FORWARD,
+                tensors,
+                fp32_up,
+                train=True,
+                want_grad=True,
+                **({"ids": ids_digest(ids)} if ids is not None else {}),
+            ),
             Kind.GRADIENT,
             Kind.MIDDLE,
         )
@@ -196,36 +212,22 @@ class SplitClient:
         return self.head(mid).argmax(1).numpy()
 
     # ------------------------------------------------------------------ weights
-    def _state(self) -> dict[str, torch.Tensor]:
-        state = {f"lower.{k}": v for k, v in self.lower.state_dict().items()}
-        if self.head is not None:
-            state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        return state
-
     def weights_frames(self) -> tuple[dict[str, bytes], int]:
-        """This client's weights (lower, and head in ushape) as fp32 frames, and their length."""
+        """The lower segment's weights as fp32 frames, and their total length. (A ushape head
+        is never included: the last layers never leave the client.)"""
         frames = {
-            name: encode_frame(t.detach().numpy(), "fp32") for name, t in self._state().items()
+            name: encode_frame(t.detach().numpy(), "fp32")
+            for name, t in self.lower.state_dict().items()
         }
         return frames, sum(len(f) for f in frames.values())
 
     def load_weights_frames(self, frames: dict[str, bytes]) -> None:
-        state = self._state()
+        state = self.lower.state_dict()
         if set(frames) != set(state):
-            raise ProtocolError(f"weights carry {sorted(frames)}, this client has {sorted(state)}")
-        arrays = {n: torch.from_numpy(decode_frame(f).copy()) for n, f in frames.items()}
-        self.lower.load_state_dict({n[6:]: a for n, a in arrays.items() if n.startswith("lower.")})
-        if self.head is not None:
-            self.head.load_state_dict(
-                {n[5:]: a for n, a in arrays.items() if n.startswith("head.")}
-            )
-
-    def send_weights_to_peer(self, peer: SplitClient) -> None:
-        """ushape hand-off straight to the next client: the head must never reach the server."""
-        frames, size = self.weights_frames()
-        self.bytes.weights_up += size
-        peer.bytes.weights_down += size
-        peer.load_weights_frames({n: bytes(f) for n, f in frames.items()})
+            raise ProtocolError(f"weights carry {sorted(frames)}, this segment has {sorted(state)}")
+        self.lower.load_state_dict(
+            {n: torch.from_numpy(decode_frame(f).copy()) for n, f in frames.items()}
+        )
 
     def hand_off(self) -> None:
         """Vanilla: leave this client's lower weights with the server for the next client."""
@@ -233,10 +235,11 @@ class SplitClient:
         frames, size = self.weights_frames()
         expect(self._send(Kind.WEIGHTS, frames, size, mode="put"), Kind.ACK)
 
-    def take_over(self) -> None:
-        """Vanilla: start from the weights the previous client left with the server."""
+    def take_over(self, turn: int) -> None:
+        """Vanilla/ushape: wait for turn ``turn`` (the server counts hand-offs), then start from
+        the weights the previous client left with the server."""
         self.step += 1
-        reply = expect(self._send(Kind.WEIGHTS, {}, 0, mode="get"), Kind.WEIGHTS)
+        reply = expect(self._send(Kind.WEIGHTS, {}, 0, mode="get", turn=turn), Kind.WEIGHTS)
         if reply.tensors:
             self.load_weights_frames(dict(reply.tensors))
 

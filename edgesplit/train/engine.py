@@ -24,7 +24,7 @@ from edgesplit.errors import ConfigError
 from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
 from edgesplit.split.profile import profile_segment
-from edgesplit.train.client import SplitClient
+from edgesplit.train.client import SplitClient, StepResult
 from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import CONFIGS, TrainResult, TrainSpec
 from edgesplit.transport.base import Handler, Transport
@@ -34,6 +34,8 @@ from edgesplit.transport.inprocess import InProcessTransport
 TransportFactory = Callable[[Handler, str], Transport]
 #: Called after each epoch with (epoch, epochs, history row) — progress bars hook in here.
 EpochCallback = Callable[[int, int, dict[str, float]], None]
+#: Called after each training step with (epoch, step in epoch, steps in epoch).
+StepCallback = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -56,6 +58,22 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
     order = rng.permutation(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
+
+
+def epoch_plan(
+    config: str, n: int, clients: int, index: int, seed: int, epoch: int, batch_size: int
+) -> list[np.ndarray]:
+    """The sample rows of every batch client ``index`` trains on in ``epoch``.
+
+    In-process and networked runs call this same function, so a client process that trains
+    over gRPC sees exactly the batches its in-process twin sees. Vertical parties share one
+    order (they hold the same samples); other clients own a shard and an order of their own.
+    """
+    if config == "vertical":
+        return list(batches(n, batch_size, np.random.default_rng([seed, epoch])))
+    own = shards(n, clients, seed)[index] if clients > 1 else np.arange(n)
+    rng = np.random.default_rng([seed, epoch, index])
+    return [own[idx] for idx in batches(len(own), batch_size, rng)]
 
 
 def shards(n: int, clients: int, seed: int) -> list[np.ndarray]:
@@ -176,6 +194,7 @@ class _Run:
         self.factory = transport_factory or (lambda handler, _name: InProcessTransport(handler))
         torch.manual_seed(spec.seed)
         self.group = uuid.uuid4().hex[:8]
+        self.on_step: StepCallback | None = None
         self.input_shape = self.data.input_shape
         self._build()
 
@@ -224,59 +243,55 @@ class _Run:
     # ------------------------------------------------------------------ schedules
     def train_epoch(self, epoch: int) -> dict[str, float]:
         spec, data = self.spec, self.data
-        losses: list[tuple[float, int, int]] = []
-        rng = np.random.default_rng([spec.seed, epoch])
-        if spec.config in ("vanilla", "ushape"):
-            shard_list = (
-                shards(len(data.y_train), len(self.clients), spec.seed)
-                if len(self.clients) > 1
-                else [np.arange(len(data.y_train))]
+        results: list[StepResult] = []
+        n_clients = len(self.clients)
+        plans = [
+            epoch_plan(
+                spec.config, len(data.y_train), n_clients, i, spec.seed, epoch, spec.batch_size
             )
+            for i in range(n_clients)
+        ]
+
+        steps = len(plans[0]) if spec.config == "vertical" else sum(len(p) for p in plans)
+        done = 0
+
+        def step(i: int, client: SplitClient, rows: np.ndarray) -> StepResult:
+            nonlocal done
+            if self.on_step is not None and (spec.config != "vertical" or i == 0):
+                self.on_step(epoch, done, steps)
+                done += 1
+            return client.train_step(
+                self.party_x(data.x_train[rows], i),
+                torch.from_numpy(data.y_train[rows]),
+                ids=rows if spec.config == "vertical" else None,
+            )
+
+        if spec.config in ("vanilla", "ushape"):
+            # SplitNN schedule: clients train in turn, each from the previous one's weights
             for i, client in enumerate(self.clients):
-                if len(self.clients) > 1 and (i > 0 or epoch > 0):
-                    if spec.config == "ushape":  # peer to peer: the head never meets the server
-                        self.clients[i - 1].send_weights_to_peer(client)
-                    else:
-                        client.take_over()
-                for idx in batches(len(shard_list[i]), spec.batch_size, rng):
-                    rows = shard_list[i][idx]
-                    r = client.train_step(
-                        self.party_x(data.x_train[rows], i), torch.from_numpy(data.y_train[rows])
-                    )
-                    losses.append((r.loss, r.correct, r.n))
-                if len(self.clients) > 1 and spec.config == "vanilla":
+                if n_clients > 1 and (i > 0 or epoch > 0):
+                    client.take_over(turn=epoch * n_clients + i)
+                results += [step(i, client, rows) for rows in plans[i]]
+                if n_clients > 1:
                     client.hand_off()
         elif spec.config == "splitfed":
-            shard_list = shards(len(data.y_train), len(self.clients), spec.seed)
-            plans = [
-                [shard_list[i][idx] for idx in batches(len(shard_list[i]), spec.batch_size, rng)]
-                for i in range(len(self.clients))
-            ]
             # the clients run in parallel; in one process their batches interleave
             for b in range(max(len(p) for p in plans)):
-                for i, client in enumerate(self.clients):
-                    if b < len(plans[i]):
-                        rows = plans[i][b]
-                        r = client.train_step(
-                            torch.from_numpy(data.x_train[rows]),
-                            torch.from_numpy(data.y_train[rows]),
-                        )
-                        losses.append((r.loss, r.correct, r.n))
+                results += [
+                    step(i, c, plans[i][b]) for i, c in enumerate(self.clients) if b < len(plans[i])
+                ]
             self._parallel(
-                lambda i, c: c.federated_average(epoch, i, len(self.clients), len(shard_list[i]))
-            )
-        else:  # vertical: every party runs the same batch of sample ids
-            for idx in batches(len(data.y_train), spec.batch_size, rng):
-                y = torch.from_numpy(data.y_train[idx])
-                results = self._parallel(
-                    lambda i, c, idx=idx, y=y: c.train_step(self.party_x(data.x_train[idx], i), y)
+                lambda i, c: c.federated_average(
+                    epoch, i, n_clients, sum(len(rows) for rows in plans[i])
                 )
-                r = results[0]
-                losses.append((r.loss, r.correct, r.n))
-        n = sum(k for _, _, k in losses)
+            )
+        else:  # vertical: every party runs the same batch of sample ids, at once
+            for b in range(len(plans[0])):
+                results.append(self._parallel(lambda i, c, b=b: step(i, c, plans[i][b]))[0])
+        n = sum(r.n for r in results)
         return {
-            "loss": sum(loss * k for loss, _, k in losses) / n,
-            "train_accuracy": sum(c for _, c, _ in losses) / n,
+            "loss": sum(r.loss * r.n for r in results) / n,
+            "train_accuracy": sum(r.correct for r in results) / n,
         }
 
     def _parallel(self, fn: Callable[[int, SplitClient], Any]) -> list[Any]:
@@ -374,6 +389,7 @@ def run_training(
     spec: TrainSpec,
     *,
     on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
     transport_factory: TransportFactory | None = None,
 ) -> TrainedSplit:
     """Train ``spec`` in one process, through the real codecs and frames, and report.
@@ -383,6 +399,7 @@ def run_training(
     ConfigError, CodecError: for a bad spec (unknown config, codec, cut, model or data).
     """
     run = _Run(spec, transport_factory)
+    run.on_step = on_step
     history: list[dict[str, float]] = []
     for epoch in range(spec.epochs):
         row = run.train_epoch(epoch)

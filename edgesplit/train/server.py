@@ -90,6 +90,9 @@ class SplitServer:
         Seconds a vertical party or a FedAvg participant waits for the others.
     on_probe:
         Called with a dict of metrics whenever a probe (reference fp32 batch) is evaluated.
+    spec:
+        The training settings the WELCOME reply tells clients (model, cuts, seed, epochs, ...),
+        so a networked client builds exactly the segment the server expects.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class SplitServer:
         optimizer: torch.optim.Optimizer | None = None,
         wait_timeout: float = 120.0,
         on_probe: Callable[[dict[str, Any]], None] | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.segment = segment
@@ -125,6 +129,8 @@ class SplitServer:
         self._ushape_graphs: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._barriers: dict[tuple[str, int], _Barrier] = {}
         self._handoff: dict[str, bytes] | None = None
+        self.handoffs = 0
+        self.spec = spec or {}
         self._last_step: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ entry point
@@ -206,6 +212,7 @@ class SplitServer:
                 "resume_step": last + 1,
                 "codec": self.act_codec.codec.spec,
                 "grad_codec": self.grad_codec.codec.spec,
+                "spec": self.spec,
             },
         )
 
@@ -260,6 +267,8 @@ class SplitServer:
                 message.step,
                 {"mid": self.act_codec.encode(out)},
             )
+        if "act_ref" in message.tensors and "labels" in message.tensors:
+            self._probe(message, act, self._labels(message, len(act)))
         return self._prediction(message, out)
 
     def _prediction(self, message: Message, logits: torch.Tensor) -> Message:
@@ -343,6 +352,11 @@ class SplitServer:
         def compute(parts: dict[int, Any]) -> dict[int, Message]:
             order = sorted(parts)
             acts = [parts[k][0] for k in order]
+            if len({parts[k][2] for k in order}) > 1:
+                raise ProtocolError(
+                    f"vertical parties sent different samples for step {message.step} (sample "
+                    "id digests differ): join the parties' data by sample id first"
+                )
             label_list = [parts[k][1] for k in order if parts[k][1] is not None]
             if train and not label_list:
                 raise ProtocolError("no party sent labels for this vertical step")
@@ -381,7 +395,8 @@ class SplitServer:
                 logits = self.segment(joined)
             return {k: self._prediction(Message(Kind.PREDICT), logits) for k in order}
 
-        reply = self._barrier(key, parties, party, (act, labels), compute)
+        ids = message.meta.get("ids")
+        reply = self._barrier(key, parties, party, (act, labels, ids), compute)
         return Message(
             reply.kind,
             message.session,
@@ -393,12 +408,20 @@ class SplitServer:
 
     def _weights(self, message: Message) -> Message:
         mode = message.meta.get("mode")
-        if mode == "put":  # vanilla hand-off: keep the lower weights for the next client
+        if mode == "put":  # SplitNN hand-off: keep the lower weights for the next client
             with self._cond:
                 self._handoff = dict(message.tensors)
+                self.handoffs += 1
+                self._cond.notify_all()
             return Message(Kind.ACK, message.session, message.client, message.step)
-        if mode == "get":
+        if mode == "get":  # wait for this client's turn: the hand-offs before it are done
+            turn = int(message.meta.get("turn", 0))
             with self._cond:
+                if not self._cond.wait_for(lambda: self.handoffs >= turn, self.wait_timeout):
+                    raise TimeoutError(
+                        f"turn {turn} did not come within {self.wait_timeout:.0f}s "
+                        f"({self.handoffs} hand-offs so far)"
+                    )
                 tensors = dict(self._handoff or {})
             return Message(Kind.WEIGHTS, message.session, message.client, message.step, tensors)
         if mode == "average":  # splitfed: FedAvg over every client of the round

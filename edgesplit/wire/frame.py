@@ -218,6 +218,14 @@ def _parse(data: Buffer, limits: FrameLimits) -> tuple[FrameHeader, Codec | None
         raise FrameError(
             f"frame shape {shape} has {n} elements, over the limit of {limits.max_elements}"
         )
+    # An empty tensor passes the count check whatever its other dims say, but numpy still
+    # multiplies them (and fails past 2**63): hold the non-zero dims to the same limit.
+    span = element_count(d for d in shape if d)
+    if span > limits.max_elements:
+        raise FrameError(
+            f"frame shape {shape}: its non-zero dims multiply to {span}, over the limit of "
+            f"{limits.max_elements} (even for an empty tensor)"
+        )
     raw = dtype.kind != "f"
     out_bytes = n * (dtype.itemsize if raw else 4)
     if out_bytes > limits.max_decoded_bytes:

@@ -34,7 +34,7 @@ def test_int8_accuracy_change_is_recorded_and_small(report, trained):
     # int8 on digits stays within a few points of fp32
     assert abs(m["int8_accuracy_change"]) <= 3.0
     assert 0 < m["int8_cut_max_abs"] < 1.0
-    assert m["int8"]["calibration_samples"] == 256 and m["int8"]["format"] == "QDQ"
+    assert m["int8"]["calibration_samples"] == 1024 and m["int8"]["format"] == "QDQ"
     assert m["int8"]["test_samples"] == len(trained.dataset.y_test)
     assert m["parity"]["passed"] and m["parity"]["model"] == "fp32"
     assert m["device"]["precision"] == "int8" and m["device"]["fits"]
@@ -58,8 +58,8 @@ def test_int8_bundle_runs_close_to_fp32(report, trained):
         want = trained.client_segments[-1].eval()(torch.from_numpy(x)).numpy()
     got = bundle.run(x)
     assert got.dtype == np.float32 and got.shape == want.shape
-    assert np.abs(got - want).max() <= report.manifest["int8_cut_max_abs"] + 1e-6 or \
-        np.abs(got - want).max() < 0.1
+    # these samples are part of the test split the manifest's error was measured on
+    assert np.abs(got - want).max() <= report.manifest["int8_cut_max_abs"] + 1e-6
 
 
 def test_int8_needs_data(trained, tmp_path):

@@ -20,7 +20,7 @@ from edgesplit.edge.bundle import REQUIRED_KEYS, load_bundle
 from edgesplit.errors import ExportError
 from edgesplit.onnx_export import ExportOptions, SplitModel, export_bundle, server_dir
 from edgesplit.train.checkpoint import save_checkpoint
-from edgesplit.train.engine import run_training
+from edgesplit.train.engine import build_split, run_training
 from edgesplit.train.spec import TrainSpec
 
 
@@ -95,17 +95,23 @@ def test_server_segment_is_beside_the_bundle_not_inside(exported, trained):
     assert json.loads((server / "checkpoint.json").read_text())["spec"]["codec"] == "q8+zstd"
 
 
-def test_ushape_bundle_holds_the_head_and_runs_end_to_end(tmp_path):
-    trained = run_training(TrainSpec(config="ushape", epochs=1))
-    report = export_bundle(SplitModel.from_trained(trained), tmp_path / "u")
+def test_ushape_bundle_holds_the_head_and_runs_end_to_end(trained, tmp_path):
+    # initialised weights are enough here: the test is about the head's place and wiring
+    data = trained.dataset
+    parts = build_split(TrainSpec(config="ushape"), data.input_shape, data.num_classes)
+    model = SplitModel(config="ushape", lowers=parts.lowers, server=parts.server,
+                       head=parts.head, input_shape=data.input_shape,
+                       num_classes=data.num_classes, cuts=parts.cuts, dataset=data)
+    report = export_bundle(model, tmp_path / "u")
     assert (report.bundle / "head.onnx").is_file()
+    assert report.manifest["head"]["input"]["shape"] == ["batch", 64]
+    assert report.manifest["sha256"].keys() == {"client.onnx", "head.onnx"}
     bundle = load_bundle(report.bundle)
-    x = trained.dataset.x_test[:9]
+    x = data.x_test[:9]
     with torch.no_grad():
-        mid = trained.server_segment.eval()(torch.from_numpy(bundle.run(x))).numpy()
-        want = trained.head.eval()(trained.server_segment(
-            trained.client_segments[-1].eval()(torch.from_numpy(x)))).numpy()
-    np.testing.assert_allclose(bundle.run_head(mid), want, atol=1e-4, rtol=1e-4)
+        mid = parts.server.eval()(torch.from_numpy(bundle.run(x))).numpy()
+        want = parts.head.eval()(parts.server(parts.lowers[0].eval()(torch.from_numpy(x))))
+    np.testing.assert_allclose(bundle.run_head(mid), want.numpy(), atol=1e-4, rtol=1e-4)
     assert bundle.manifest["head"]["parity"]["passed"]
 
 
@@ -143,7 +149,8 @@ def test_device_with_too_little_memory_is_refused(trained, tmp_path):
     toml = tmp_path / "small.toml"
     toml.write_text('name = "small"\ndescription = "1 MiB microcontroller"\n'
                     "effective_gflops_fp32 = 0.1\neffective_gflops_int8 = 0.2\n"
-                    'memory_mib = 1\nmax_onnx_opset = 21\nexecution_provider = "CPUExecutionProvider"\n')
+                    "memory_mib = 1\nmax_onnx_opset = 21\n"
+                    'execution_provider = "CPUExecutionProvider"\n')
     with pytest.raises(ExportError, match="small cannot run this export: needs ~.* MiB"):
         export_bundle(SplitModel.from_trained(trained), tmp_path / "m",
                       ExportOptions(device=load_device(str(toml))))

@@ -20,7 +20,7 @@ def centralized(spec: TrainSpec) -> nn.Module:
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(spec.epochs):
-        rng = np.random.default_rng([spec.seed, epoch])
+        rng = np.random.default_rng([spec.seed, epoch, 0])
         for idx in batches(len(data.y_train), spec.batch_size, rng):
             x, y = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
             opt.zero_grad()

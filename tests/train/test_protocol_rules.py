@@ -30,8 +30,12 @@ def test_ushape_server_never_receives_labels_or_logits():
     num_classes = trained.dataset.num_classes
     assert seen, "the spy saw no traffic"
     kinds = {m.kind for m in seen}
-    assert kinds <= {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.PREDICT}, kinds
+    assert kinds <= {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.PREDICT, Kind.WEIGHTS}, kinds
+    lower_names = set(trained.client_segments[0].state_dict())
     for m in seen:
+        if m.kind == Kind.WEIGHTS:  # the hand-off carries the bottom segment, never the head
+            assert set(m.tensors) <= lower_names, m.tensors.keys()
+            continue
         assert set(m.tensors) <= {"act", "grad"}, m.tensors.keys()
         assert not {"loss", "correct", "labels"} & set(m.meta)
         for frame in m.tensors.values():

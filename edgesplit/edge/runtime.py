@@ -1,0 +1,641 @@
+"""The edge client: run an exported client segment on the device and talk to a split server.
+
+torch-free by contract (setup.cfg): onnxruntime runs the segment, :mod:`edgesplit.codecs` and
+:mod:`edgesplit.wire` make the frames, any :class:`~edgesplit.transport.base.Transport` carries
+them. ``pip install edgesplit`` (no extras) is enough.
+
+>>> bundle = load_bundle("export/out/digits-vanilla")                      # doctest: +SKIP
+>>> with GrpcTransport("server:50051", token) as transport:                # doctest: +SKIP
+...     report = EdgeClient(bundle, transport, mode="infer").run(x, y)
+>>> report.accuracy, report.bytes_up, report.latency_ms["network"]        # doctest: +SKIP
+
+Per batch, in order: onnxruntime runs the client segment (``compute``), the cut tensor is
+encoded (``encode``), the request goes to the server and its reply comes back (``network``: the
+transport's whole round trip, server compute included), the reply is decoded (``decode``; for a
+ushape bundle this also runs the head locally, counted in ``compute``).
+
+Message flow (docs/protocol.md):
+
+* ``HELLO{mode, codec, runtime: "edge", bundle sha256}`` → ``WELCOME``, once per session.
+* ``train``: ``FORWARD{act, labels, [act_ref]} meta{train: true, want_grad: false}`` →
+  ``GRADIENT meta{loss, correct, n}`` without a ``grad``: a frozen client applies nothing, the
+  server trains its own layers on what the codec let through.
+* ``infer``: ``PREDICT{act, [labels], [act_ref]}`` → ``PREDICTION{pred}``, or for a ushape
+  bundle ``MIDDLE{mid}``, which the bundle's head turns into class ids on the device (labels of
+  a ushape client never leave it).
+
+Every ``probe_every``-th batch also carries ``act_ref``: the same activations as an fp32 frame,
+so the server can measure what the codec costs in accuracy and SNR on real device data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from edgesplit.codecs import Codec, parse_codec
+from edgesplit.edge.bundle import Bundle
+from edgesplit.errors import ConfigError, ProtocolError, TransportError
+from edgesplit.transport.base import Transport
+from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.messages import Kind, Message
+
+MODES = ("infer", "train")
+#: Latency components, in the order tables show them; ``total`` is the measured wall time.
+LATENCY_PARTS = ("compute", "encode", "network", "decode")
+RUNTIME = "edge"
+
+
+def expect(reply: Message, *kinds: str) -> Message:
+    """Return ``reply`` if it is one of ``kinds``; turn an ERROR reply into a typed exception.
+
+    The same rule as the torch client (``edgesplit.train.client.expect``), repeated here so the
+    edge runtime does not import the training package.
+
+    Raises
+    ------
+    ProtocolError
+        An ``INVALID_ARGUMENT`` error reply, or a reply of another kind.
+    TransportError
+        Any other error reply (``DEADLINE_EXCEEDED``, ...).
+    """
+    if reply.kind == Kind.ERROR:
+        code = reply.meta.get("code", "UNKNOWN")
+        text = reply.meta.get("message", "")
+        error = ProtocolError if code == "INVALID_ARGUMENT" else TransportError
+        raise error(f"server refused step {reply.step}: {code}: {text}")
+    if reply.kind not in kinds:
+        raise ProtocolError(f"expected {' or '.join(kinds)} from the server, got {reply.kind!r}")
+    return reply
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """A short digest of a batch's sample ids (vertical: the server checks the parties agree).
+
+    Must equal ``edgesplit.train.client.ids_digest``: SHA-256 of the ids as little-endian
+    int64, first 16 hex digits.
+    """
+    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def iid_shard_indices(n: int, index: int, count: int, *, seed: int = 0) -> np.ndarray:
+    """Sample indices of IID shard ``index`` of ``count`` over ``n`` samples (sorted).
+
+    One seeded permutation cut into ``count`` near-equal parts, so the shards of one dataset
+    are disjoint, cover it, and are the same on every machine that uses the same seed: several
+    processes given one file each play a different data holder.
+
+    Raises
+    ------
+    ConfigError
+        ``count < 1``, ``index`` outside ``0..count-1``, or more shards than samples.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count}: need 0 <= I < N with N >= 1")
+    if count > n:
+        raise ConfigError(f"cannot cut {n} samples into {count} shards")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(np.array_split(order, count)[index])
+
+
+@dataclass
+class EdgeReport:
+    """What one :meth:`EdgeClient.run` did and measured.
+
+    Attributes
+    ----------
+    mode, codec, config, bundle, session:
+        What ran: ``infer``/``train``, the activation codec spec, the bundle's split
+        configuration and name, and the session id used.
+    samples, batches:
+        Samples sent and requests made for them (HELLO not counted).
+    accuracy:
+        infer: predictions compared with the labels on the device; train: the server's
+        training accuracy on the batches it was sent. ``None`` without labels.
+    loss:
+        Mean per-sample loss the server reported (train mode; infer mode when labels were
+        sent), ``None`` otherwise.
+    labelled:
+        Samples that had labels (the denominator of ``accuracy``).
+    bytes_up, bytes_down:
+        Sum of the lengths of every frame sent and received (activations, labels, ``act_ref``,
+        predictions, middle outputs): exactly what the transport carried as tensors.
+    bytes_up_fp32:
+        ``bytes_up`` with each activation frame replaced by the fp32 frame of the same tensor
+        (labels and ``act_ref`` unchanged): the traffic the same requests would cost uncompressed.
+    bytes_probe:
+        Part of ``bytes_up`` spent on ``act_ref`` probe frames.
+    ratio_up:
+        ``bytes_up_fp32 / bytes_up`` (how many times fewer bytes the codec sends).
+    latency_ms:
+        Mean milliseconds per batch: ``compute`` (onnxruntime, head included), ``encode``,
+        ``network`` (request round trip, server time included), ``decode`` and ``total`` (wall
+        time of the whole batch; about the sum of the parts).
+    latency_ms_total:
+        The same components summed over the run.
+    connect_ms:
+        The HELLO/WELCOME round trip (not part of any batch).
+    predictions:
+        Class ids received or computed (infer mode).
+    probes:
+        Batches that carried an ``act_ref`` probe.
+    reconnects, resends:
+        What the transport had to do during the run (0 for transports that do not reconnect).
+    welcome:
+        The session settings the server returned.
+    pred:
+        The predicted class ids, in the order of the input (infer mode); not in :meth:`to_json`.
+    """
+
+    mode: str
+    codec: str
+    config: str
+    bundle: str
+    session: str
+    samples: int = 0
+    batches: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    labelled: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_up_fp32: int = 0
+    bytes_probe: int = 0
+    ratio_up: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms_total: dict[str, float] = field(default_factory=dict)
+    connect_ms: float = 0.0
+    predictions: int = 0
+    probes: int = 0
+    reconnects: int = 0
+    resends: int = 0
+    welcome: dict[str, Any] = field(default_factory=dict)
+    pred: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but ``pred``, as JSON-able values (NaN and inf become ``None``)."""
+        out = asdict(self)
+        out.pop("pred")
+        return _finite(out)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class _Totals:
+    """Running sums of one run."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        (*LATENCY_PARTS, "total"), 0.0))
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_up_fp32: int = 0
+    bytes_probe: int = 0
+    correct: int = 0
+    labelled: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    probes: int = 0
+
+
+class EdgeClient:
+    """Runs a bundle's client segment on local data and exchanges the cut with a server.
+
+    Parameters
+    ----------
+    bundle:
+        A loaded bundle (:func:`edgesplit.edge.bundle.load_bundle`).
+    transport:
+        How requests reach the server (a :class:`~edgesplit.transport.grpc_client.GrpcTransport`
+        on a device). The caller owns it and closes it.
+    codec:
+        Activation codec spec; default the bundle manifest's (the codec the server trained on).
+    mode:
+        ``infer`` (PREDICT, class ids back) or ``train`` (FORWARD: the server trains its
+        layers on this client's activations and labels; the segment here stays frozen).
+    probe_every:
+        Every K-th batch (the 1st, K+1-th, ...) also carries ``act_ref`` (fp32); 0 = never.
+    batch_size:
+        Samples per request.
+    session:
+        Session id; default a fresh random one. Reuse one to resume after a restart: the
+        server's WELCOME says which step to continue from.
+    name:
+        The client name sent in messages (a server with tokens replaces it by the token's).
+    group:
+        Vertical only: the id grouping the parties of one run on the server.
+    seed:
+        Seed of the batch order in train mode (inference keeps the input order).
+
+    Raises
+    ------
+    ConfigError
+        Unknown mode, ``probe_every < 0``, ``batch_size < 1``.
+    CodecError
+        A bad codec spec.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        transport: Transport,
+        *,
+        codec: str | None = None,
+        mode: str = "infer",
+        probe_every: int = 0,
+        batch_size: int = 32,
+        session: str | None = None,
+        name: str = "edge",
+        group: str = "",
+        seed: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 0:
+            raise ConfigError(f"probe_every must be an integer >= 0, got {probe_every!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if mode == "train" and bundle.config == "ushape":
+            # The server's middle can only learn from the gradient of the client's head, and an
+            # ONNX head has no autograd: a frozen ushape client can only infer.
+            raise ConfigError(
+                f"bundle {bundle.name} is ushape: a frozen edge client cannot train it (the "
+                "server needs the gradient of the client's head); use --mode infer, or a "
+                "trainable torch client (--trainable)"
+            )
+        self.bundle = bundle
+        self.transport = transport
+        self.codec: Codec = parse_codec(codec if codec is not None else bundle.codec)
+        self.mode = mode
+        self.probe_every = probe_every
+        self.batch_size = batch_size
+        self.session = session or uuid.uuid4().hex[:12]
+        self.name = name
+        self.group = group
+        self.seed = seed
+        self.step = 0
+        self.welcome: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample the data must have (vertical: all features, this party's are
+        selected on the device)."""
+        if self.bundle.feature_block is not None:
+            return tuple(int(d) for d in self.bundle.manifest["full_input_shape"])
+        return self.bundle.input.shape
+
+    def check_data(self, x: Any, y: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validate data against the bundle before anything is sent.
+
+        Returns
+        -------
+        x, y
+            ``x`` as float32 (real numbers are converted), ``y`` as int64 or ``None``.
+
+        Raises
+        ------
+        ConfigError
+            ``x`` is not a non-empty array of the bundle's per-sample shape, holds NaN/inf or
+            non-numbers; ``y`` is not one class id in ``0..num_classes-1`` per sample; train
+            mode without labels (except a vertical party: another party may hold them).
+        """
+        expected = self.sample_shape
+        want = f"(N, {', '.join(map(str, expected))})"
+        where = f"bundle {self.bundle.name!r} (manifest input {self.bundle.input.describe()})"
+        if not isinstance(x, np.ndarray):
+            raise ConfigError(f"data must be a numpy array of shape {want}, "
+                              f"got {type(x).__name__}")
+        if x.dtype.kind not in "fiu":
+            raise ConfigError(f"data must hold real numbers, got dtype {x.dtype}")
+        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise ConfigError(
+                f"data samples have shape {tuple(x.shape[1:])} (array {tuple(x.shape)}), but "
+                f"{where} expects samples of shape {expected}, i.e. an array {want}; "
+                "use the data the model was trained on"
+            )
+        if len(x) == 0:
+            raise ConfigError("data holds no samples")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ConfigError(f"data holds {int((~np.isfinite(x)).sum())} NaN or infinite "
+                              "values; clean them first")
+        if y is None:
+            if self.mode == "train" and self.bundle.feature_block is None:
+                raise ConfigError("train mode needs labels: the server trains on them "
+                                  "(pass data with y)")
+            return x, None
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(x):
+            raise ConfigError(f"labels must be one class id per sample: got shape "
+                              f"{tuple(y.shape)} for {len(x)} samples")
+        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        if y.dtype.kind not in "iu":
+            raise ConfigError(f"labels must be integer class ids, got dtype {y.dtype}")
+        y = y.astype(np.int64)
+        classes = self.bundle.num_classes
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise ConfigError(
+                f"labels must be class ids 0..{classes - 1} (the bundle has {classes} classes), "
+                f"got values in {int(y.min())}..{int(y.max())}"
+            )
+        return x, y
+
+    # ------------------------------------------------------------------ protocol
+    def _meta(self, **extra: Any) -> dict[str, Any]:
+        meta: dict[str, Any] = dict(extra)
+        if self.bundle.feature_block is not None:
+            meta.update(party=self.bundle.party, parties=int(self.bundle.manifest["parties"]))
+            if self.group:
+                meta["group"] = self.group
+        return meta
+
+    def _request(self, kind: str, tensors: dict[str, bytes], **meta: Any) -> Message:
+        message = Message(kind, self.session, self.name, self.step, tensors, self._meta(**meta))
+        reply = self.transport.request(message)
+        self.step += 1
+        return reply
+
+    def hello(self) -> dict[str, Any]:
+        """Open the session: HELLO → WELCOME. Returns the WELCOME meta.
+
+        Raises
+        ------
+        ConfigError
+            The server runs another split configuration than the bundle was trained in.
+        ProtocolError, TransportError
+            The server refused or is unreachable.
+        """
+        files = self.bundle.manifest["files"]
+        sha = self.bundle.manifest["sha256"].get(files["client"], "")
+        reply = expect(
+            self._request(
+                Kind.HELLO,
+                {},
+                config=self.bundle.config,
+                mode=self.mode,
+                codec=self.codec.spec,
+                grad_codec=self.bundle.grad_codec,
+                runtime=RUNTIME,
+                bundle=self.bundle.name,
+                bundle_sha256=sha,
+            ),
+            Kind.WELCOME,
+        )
+        welcome = dict(reply.meta)
+        server_config = welcome.get("config")
+        if server_config is not None and server_config != self.bundle.config:
+            raise ConfigError(
+                f"bundle {self.bundle.name!r} was trained as {self.bundle.config}, but the "
+                f"server runs {server_config}: serve the checkpoint this bundle came from"
+            )
+        # A restarted client reusing its session continues after the server's last applied step.
+        resume = welcome.get("resume_step")
+        if isinstance(resume, int) and not isinstance(resume, bool):
+            self.step = max(self.step, resume)
+        self.welcome = welcome
+        return welcome
+
+    # ------------------------------------------------------------------ running
+    def run(self, x: Any, y: Any = None, progress: bool = True) -> EdgeReport:
+        """Send ``x`` (and ``y``) to the server batch by batch and report.
+
+        Parameters
+        ----------
+        x:
+            Samples, shape ``(N, *input shape)`` of the bundle (vertical: all features).
+        y:
+            Class ids, one per sample; required in train mode.
+        progress:
+            Show a progress bar on stderr.
+
+        Returns
+        -------
+        EdgeReport
+
+        Raises
+        ------
+        ConfigError
+            Data that does not fit the bundle (raised before anything is sent); a server that
+            runs another configuration.
+        ProtocolError, TransportError
+            The server refused a request or cannot be reached (after the transport's retries).
+        ExportError
+            onnxruntime failed to run the segment.
+        """
+        x, y = self.check_data(x, y)
+        t0 = time.perf_counter()
+        transport_before = _transport_counters(self.transport)
+        welcome = self.welcome if self.welcome is not None else self.hello()
+        connect_ms = (time.perf_counter() - t0) * 1e3
+        n = len(x)
+        if self.mode == "train" and self.bundle.feature_block is None:
+            # shuffled so the server's SGD does not see the data in file order
+            order = np.random.default_rng(self.seed).permutation(n)
+        else:
+            order = np.arange(n)  # predictions come back in input order; vertical parties align
+        pred = np.empty(n, dtype=np.int64) if self.mode == "infer" else None
+        totals = _Totals()
+        batches = 0
+        with _progress(progress, f"{self.mode} {self.codec.spec}", n) as advance:
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yb = y[idx] if y is not None else None
+                out = self._batch(x[idx], yb, idx, batches, totals)
+                if pred is not None and out is not None:
+                    pred[idx] = out
+                batches += 1
+                advance(len(idx), _info(totals))
+        after = _transport_counters(self.transport)
+        t = totals
+        report = EdgeReport(
+            mode=self.mode,
+            codec=self.codec.spec,
+            config=self.bundle.config,
+            bundle=self.bundle.name,
+            session=self.session,
+            samples=n,
+            batches=batches,
+            accuracy=t.correct / t.labelled if t.labelled else None,
+            loss=t.loss_sum / t.loss_n if t.loss_n else None,
+            labelled=t.labelled,
+            bytes_up=t.bytes_up,
+            bytes_down=t.bytes_down,
+            bytes_up_fp32=t.bytes_up_fp32,
+            bytes_probe=t.bytes_probe,
+            ratio_up=t.bytes_up_fp32 / t.bytes_up if t.bytes_up else None,
+            latency_ms={k: v * 1e3 / max(batches, 1) for k, v in t.seconds.items()},
+            latency_ms_total={k: v * 1e3 for k, v in t.seconds.items()},
+            connect_ms=connect_ms,
+            predictions=n if pred is not None else 0,
+            probes=t.probes,
+            reconnects=after[0] - transport_before[0],
+            resends=after[1] - transport_before[1],
+            welcome=welcome,
+            pred=pred,
+        )
+        return report
+
+    def _batch(
+        self, xb: np.ndarray, yb: np.ndarray | None, ids: np.ndarray, index: int, t: _Totals
+    ) -> np.ndarray | None:
+        """One request; returns the batch's class ids in infer mode."""
+        start = time.perf_counter()
+        act = self.bundle.run(self.bundle.select_features(xb))
+        t_compute = time.perf_counter()
+        act_frame = encode_frame(act, self.codec)
+        tensors = {"act": act_frame}
+        ushape = self.bundle.config == "ushape"
+        # ushape keeps its labels on the device: that is the point of the configuration
+        if yb is not None and not ushape:
+            tensors["labels"] = encode_frame(yb.astype(self.bundle.label_dtype), "fp32")
+        probe = self.probe_every > 0 and index % self.probe_every == 0
+        if probe:
+            tensors["act_ref"] = encode_frame(act, "fp32")
+        # vertical parties prove they send the same samples in the same order (row positions)
+        extra = {"ids": ids_digest(ids)} if self.bundle.feature_block is not None else {}
+        t_encode = time.perf_counter()
+        if self.mode == "train":
+            reply = expect(
+                self._request(Kind.FORWARD, tensors, train=True, want_grad=False, **extra),
+                Kind.GRADIENT,
+            )
+        else:
+            reply = expect(
+                self._request(Kind.PREDICT, tensors, **extra), Kind.PREDICTION, Kind.MIDDLE
+            )
+        t_network = time.perf_counter()
+        out, head_seconds = self._read_reply(reply, len(xb))
+        end = time.perf_counter()
+
+        t.seconds["compute"] += (t_compute - start) + head_seconds
+        t.seconds["encode"] += t_encode - t_compute
+        t.seconds["network"] += t_network - t_encode
+        t.seconds["decode"] += (end - t_network) - head_seconds
+        t.seconds["total"] += end - start
+        up = sum(len(f) for f in tensors.values())
+        t.bytes_up += up
+        t.bytes_up_fp32 += up - len(act_frame) + _fp32_frame_size(tuple(act.shape))
+        t.bytes_down += reply.tensor_bytes()
+        if probe:
+            t.probes += 1
+            t.bytes_probe += len(tensors["act_ref"])
+        if self.mode == "train":
+            if yb is not None:
+                t.correct += int(reply.meta.get("correct", 0))
+                t.labelled += int(reply.meta.get("n", len(xb)))
+            self._add_loss(t, reply, len(xb))
+            return None
+        if yb is not None and out is not None:
+            t.correct += int((out == yb).sum())
+            t.labelled += len(yb)
+        if "loss" in reply.meta:
+            self._add_loss(t, reply, len(xb))
+        return out
+
+    @staticmethod
+    def _add_loss(t: _Totals, reply: Message, n: int) -> None:
+        loss = reply.meta.get("loss")
+        if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss):
+            n = int(reply.meta.get("n", n))
+            t.loss_sum += float(loss) * n
+            t.loss_n += n
+
+    def _read_reply(self, reply: Message, n: int) -> tuple[np.ndarray | None, float]:
+        """Class ids from a PREDICTION or (ushape) MIDDLE reply, and the head's run time."""
+        if reply.kind == Kind.GRADIENT:
+            # want_grad was false, so there should be no tensor; one that comes anyway (a
+            # server that ignores want_grad) is not applied, only counted in bytes_down
+            return None, 0.0
+        if reply.kind == Kind.MIDDLE:
+            if not self.bundle.has_head:
+                raise ProtocolError(f"server sent a ushape middle output, but bundle "
+                                    f"{self.bundle.name!r} ({self.bundle.config}) has no head")
+            mid = decode_frame(reply.frame("mid"))
+            start = time.perf_counter()
+            logits = self.bundle.run_head(np.ascontiguousarray(mid, dtype=np.float32))
+            pred = logits.argmax(axis=1).astype(np.int64)
+            head_seconds = time.perf_counter() - start
+        else:
+            pred = decode_frame(reply.frame("pred"))
+            if pred.dtype.kind not in "iu":
+                raise ProtocolError(f"prediction frame holds {pred.dtype} values; expected "
+                                    "integer class ids")
+            pred = pred.astype(np.int64)
+            head_seconds = 0.0
+        if pred.shape != (n,):
+            raise ProtocolError(f"server answered {tuple(pred.shape)} predictions for a batch "
+                                f"of {n} samples")
+        return pred, head_seconds
+
+
+@lru_cache(maxsize=64)
+def _fp32_frame_size(shape: tuple[int, ...]) -> int:
+    """Length of the fp32 frame of a float tensor of ``shape`` (what an uncompressed act costs).
+
+    Measured by encoding, not computed from the layout, so it follows the frame format; cached
+    because a run has one or two batch shapes.
+    """
+    return len(encode_frame(np.zeros(shape, dtype=np.float32), "fp32"))
+
+
+def _transport_counters(transport: Transport) -> tuple[int, int]:
+    return int(getattr(transport, "reconnects", 0)), int(getattr(transport, "resends", 0))
+
+
+def _info(t: _Totals) -> str:
+    parts = []
+    if t.labelled:
+        parts.append(f"acc {t.correct / t.labelled:.3f}")
+    parts.append(f"↑ {t.bytes_up / 1024:.1f} KiB")
+    return "  ".join(parts)
+
+
+@contextmanager
+def _progress(show: bool, label: str, total: int) -> Iterator[Callable[[int, str], None]]:
+    """Yield ``advance(samples, info)``; a rich bar on stderr when ``show``."""
+    if not show:
+        yield lambda _n, _info: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(f"{label} samples", total=total, info="")
+
+        def advance(n: int, info: str) -> None:
+            bar.update(task, advance=n, info=info)
+
+        yield advance

@@ -1,0 +1,114 @@
+"""Shared fixtures of the edge runtime tests: a trained digits model exported as a bundle, and
+real gRPC servers serving its server segment (fresh weights per server).
+
+Training and export dominate the runtime, so they happen once per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesplit.onnx_export import ExportOptions, SplitModel, export_bundle
+from edgesplit.train.checkpoint import load_checkpoint, save_checkpoint
+from edgesplit.train.engine import run_training
+from edgesplit.train.server import SplitServer
+from edgesplit.train.spec import TrainSpec
+from edgesplit.transport.grpc_server import RunningServer, serve_handler
+
+#: Client name -> bearer token of every test server.
+TOKENS = {"edge": "edge-token-0123456789", "peer": "peer-token-9876543210"}
+TOKEN = TOKENS["edge"]
+
+
+@pytest.fixture(scope="session")
+def token() -> str:
+    """The bearer token of the client called ``edge`` on every test server."""
+    return TOKEN
+
+
+@dataclass
+class Exported:
+    """A trained checkpoint, its exported bundle and its data as an .npz."""
+
+    checkpoint: Path
+    bundle: Path
+    npz: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    accuracy: float
+
+
+def _export(root: Path, spec: TrainSpec, name: str) -> Exported:
+    trained = run_training(spec)
+    ckpt = save_checkpoint(root / f"{name}-ckpt", trained)
+    bundle = root / name
+    model = SplitModel.from_checkpoint(load_checkpoint(ckpt))
+    export_bundle(model, bundle, ExportOptions(name=name))
+    for party in range(1, model.parties):  # vertical: NAME-party1, ... beside NAME (party 0)
+        export_bundle(model, root / f"{name}-party{party}",
+                      ExportOptions(name=f"{name}-party{party}", party=party))
+    data = trained.dataset
+    npz = root / f"{name}.npz"
+    np.savez(npz, x=data.x_train, y=data.y_train, x_test=data.x_test, y_test=data.y_test)
+    return Exported(ckpt, bundle, npz, data.x_train, data.y_train, data.x_test, data.y_test,
+                    trained.result.accuracy)
+
+
+@pytest.fixture(scope="session")
+def vanilla(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """vanilla digits MLP, 3 epochs, q8+zstd activations (~0.95 test accuracy)."""
+    return _export(tmp_path_factory.mktemp("edge-vanilla"),
+                   TrainSpec(epochs=3, codec="q8+zstd"), "digits-vanilla")
+
+
+@pytest.fixture(scope="session")
+def ushape(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """ushape digits MLP, 2 epochs: the bundle carries the head, the server the middle."""
+    return _export(tmp_path_factory.mktemp("edge-ushape"),
+                   TrainSpec(epochs=2, config="ushape", codec="q8+zstd"), "digits-ushape")
+
+
+@pytest.fixture(scope="session")
+def vertical(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """vertical digits, 2 parties, 1 epoch: bundles NAME (party 0) and NAME-party1."""
+    return _export(tmp_path_factory.mktemp("edge-vertical"),
+                   TrainSpec(epochs=1, config="vertical", clients=2, codec="q8+zstd"),
+                   "digits-vertical")
+
+
+@dataclass
+class Served:
+    """A live split server: the engine object and the gRPC server in front of it."""
+
+    engine: SplitServer
+    grpc: RunningServer
+
+    @property
+    def address(self) -> str:
+        return self.grpc.address
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Exported], Served]]:
+    """Start a real gRPC server for an export's checkpoint (fresh server weights each call)."""
+    started: list[RunningServer] = []
+
+    def start(exported: Exported) -> Served:
+        ckpt = load_checkpoint(exported.checkpoint)
+        engine = SplitServer(ckpt.spec.config, ckpt.parts.server, codec=ckpt.spec.codec,
+                             grad_codec=ckpt.spec.grad_codec)
+        running = serve_handler(engine.handle, port=0, tokens=TOKENS, status=engine.status,
+                                max_workers=4)
+        started.append(running)
+        return Served(engine, running)
+
+    yield start
+    for running in started:
+        running.stop(None)
