@@ -78,8 +78,11 @@ class Checkpoint:
         return int(self.meta["num_classes"])
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Rebuild the segments a checkpoint describes and load their weights."""
+def load_checkpoint(
+    path: str | Path, segments: tuple[str, ...] = ("client", "server", "head")
+) -> Checkpoint:
+    """Rebuild the segments a checkpoint describes and load the weights of ``segments``
+    (``serve`` needs only the server's, which an export's ``.server`` directory holds)."""
     root = Path(path)
     meta_path = root / META_FILE
     if not meta_path.is_file():
@@ -98,10 +101,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     spec = TrainSpec(**meta["spec"])
     parts = build_split(spec, tuple(meta["input_shape"]), int(meta["num_classes"]))
-    for k, lower in enumerate(parts.lowers):
-        lower.load_state_dict(_load_state(root / f"client-{k}.pt"))
-    parts.server.load_state_dict(_load_state(root / "server.pt"))
-    if parts.head is not None:
+    if "client" in segments:
+        for k, lower in enumerate(parts.lowers):
+            lower.load_state_dict(_load_state(root / f"client-{k}.pt"))
+    if "server" in segments:
+        parts.server.load_state_dict(_load_state(root / "server.pt"))
+    if parts.head is not None and "head" in segments:
         parts.head.load_state_dict(_load_state(root / "head.pt"))
     return Checkpoint(root, meta, spec, parts)
 

@@ -8,12 +8,14 @@ repeated step is answered from the record instead of being applied twice.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,30 @@ class ClientStats:
             "errors": self.errors,
             "last_seen": self.last_seen,
         }
+
+
+def _message_json(request_kind: str, request_step: int, reply: Message) -> dict[str, Any]:
+    return {
+        "request_kind": request_kind,
+        "request_step": request_step,
+        "kind": reply.kind,
+        "session": reply.session,
+        "client": reply.client,
+        "step": reply.step,
+        "meta": reply.meta,
+        "tensors": {n: base64.b64encode(f).decode() for n, f in reply.tensors.items()},
+    }
+
+
+def _message_from_json(item: dict[str, Any]) -> Message:
+    return Message(
+        item["kind"],
+        item["session"],
+        item["client"],
+        int(item["step"]),
+        {n: base64.b64decode(f) for n, f in item["tensors"].items()},
+        item["meta"],
+    )
 
 
 @dataclass
@@ -131,6 +157,10 @@ class SplitServer:
         self._handoff: dict[str, bytes] | None = None
         self.handoffs = 0
         self.spec = spec or {}
+        self.group = uuid.uuid4().hex[:8]
+        #: Called (under the server lock) after every applied step, before its reply leaves:
+        #: ``serve`` checkpoints here, so a restart never loses a step a client saw answered.
+        self.on_applied: Callable[[], None] | None = None
         self._last_step: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ entry point
@@ -172,6 +202,8 @@ class SplitServer:
         if reply.kind != Kind.ERROR:
             with self._cond:
                 records[key] = reply
+                if self.on_applied is not None:
+                    self.on_applied()
                 session_key = (message.session, message.client)
                 self._last_step[session_key] = max(
                     self._last_step.get(session_key, -1), message.step
@@ -213,6 +245,7 @@ class SplitServer:
                 "codec": self.act_codec.codec.spec,
                 "grad_codec": self.grad_codec.codec.spec,
                 "spec": self.spec,
+                "group": self.group,
             },
         )
 
@@ -549,6 +582,58 @@ class SplitServer:
         self.probes.append(record)
         if self.on_probe:
             self.on_probe(record)
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tensors for ``torch.save``, JSON-able counters): everything a restart needs so that
+        no applied step is lost and a retried step is still answered from the record."""
+        with self._cond:
+            tensors = {
+                "segment": self.segment.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+            }
+            last = {f"{s}\t{c}": step for (s, c), step in self._last_step.items()}
+            records = {
+                f"{s}\t{c}": [
+                    _message_json(kind, step, reply)
+                    for (kind, step), reply in list(recs.items())[-2:]
+                ]
+                for (s, c), recs in self._records.items()
+            }
+            meta = {
+                "steps_applied": self.steps_applied,
+                "handoffs": self.handoffs,
+                "group": self.group,
+                "last_step": last,
+                "records": records,
+                "handoff": {
+                    n: base64.b64encode(f).decode() for n, f in (self._handoff or {}).items()
+                },
+                "stats": {name: asdict(st) for name, st in self.stats.items()},
+            }
+        return tensors, meta
+
+    def import_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`export_state` saved."""
+        with self._cond:
+            self.segment.load_state_dict(tensors["segment"])
+            self.optimizer.load_state_dict(tensors["optimizer"])
+            self.steps_applied = int(meta["steps_applied"])
+            self.handoffs = int(meta["handoffs"])
+            self.group = str(meta["group"])
+            self._last_step = {
+                tuple(k.split("\t", 1)): int(v)  # type: ignore[misc]
+                for k, v in meta["last_step"].items()
+            }
+            for key, items in meta["records"].items():
+                session, client = key.split("\t", 1)
+                recs = self._records[(session, client)]
+                for item in items:
+                    recs[(item["request_kind"], int(item["request_step"]))] = _message_from_json(
+                        item
+                    )
+            self._handoff = {n: base64.b64decode(f) for n, f in meta["handoff"].items()} or None
+            for name, st in meta["stats"].items():
+                self.stats[name] = ClientStats(**st)
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot: per client counters and the latest probe."""

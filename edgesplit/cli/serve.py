@@ -1,0 +1,175 @@
+"""``edgesplit serve``: the gRPC split server."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+    from edgesplit.cli.common import add_training_options
+
+    p = sub.add_parser(
+        "serve",
+        formatter_class=formatter,
+        help="run the gRPC split server that trains the upper layers",
+        description="Serve split learning over gRPC: decode each client's compressed cut "
+        "tensors, train the full-precision upper layers on them, answer "
+        "predictions, and log what compression costs (probes from clients run with "
+        "--probe-every). Prints 'listening on HOST:PORT' once it accepts "
+        "connections.\n\n"
+        "From a checkpoint (train --save, or an export's <bundle>.server/):\n"
+        "  edgesplit serve --from runs/digits --port 50051 --tokens tokens.txt\n"
+        "Fresh, for split training of trainable clients from scratch:\n"
+        "  edgesplit serve --data digits --config vanilla --clients 3 --tokens "
+        "tokens.txt\n\n"
+        "Token file: one `name token` per line; the name is the client's identity.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="CHECKPOINT",
+        default=None,
+        help="checkpoint whose server segment to serve (default: build a fresh one "
+        "from the training options below)",
+    )
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind")
+    g.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
+    g.add_argument(
+        "--tokens",
+        metavar="FILE",
+        default=None,
+        help="bearer tokens, one `name token` per line (required unless --no-auth)",
+    )
+    g.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="accept clients without tokens (loopback experiments only)",
+    )
+    g.add_argument("--tls-cert", metavar="PEM", default=None, help="server certificate (TLS)")
+    g.add_argument("--tls-key", metavar="PEM", default=None, help="key of --tls-cert")
+    g.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=None,
+        help="CA of client certificates: turns on mutual TLS",
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest message accepted or sent",
+    )
+    g.add_argument(
+        "--max-workers",
+        type=int,
+        default=16,
+        help="concurrent sessions (each open client stream holds one)",
+    )
+    g = p.add_argument_group("state and metrics")
+    g.add_argument(
+        "--metrics",
+        metavar="PATH",
+        default=None,
+        help="append one JSON line per probe: accuracy and loss on decoded vs fp32 "
+        "activations, SNR dB, bytes",
+    )
+    g.add_argument(
+        "--state",
+        metavar="DIR",
+        default=None,
+        help="where the server checkpoints its segment, optimizer and step counters; "
+        "a restart with the same DIR resumes (default: no persistence)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="save the state every N applied steps (1: no applied step is ever lost)",
+    )
+    g.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long vertical parties / FedAvg clients / turn-takers wait for the others",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print the listening line as JSON ({host, port, config, ...})",
+    )
+    add_training_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edgesplit.cli.common import print_json, set_threads, spec_from_args
+    from edgesplit.errors import ConfigError
+    from edgesplit.train.serving import MetricsLog, StateStore, server_fresh, server_from_checkpoint
+    from edgesplit.transport.grpc_server import serve_handler
+    from edgesplit.transport.tokens import read_token_file
+
+    set_threads(args)
+    if args.tokens is None and not args.no_auth:
+        raise ConfigError(
+            "--tokens FILE is required (one `name token` per line); pass "
+            "--no-auth only for loopback experiments"
+        )
+    tokens = read_token_file(args.tokens) if args.tokens else None
+    if args.source:
+        server, shapes = server_from_checkpoint(args.source)
+    else:
+        server, shapes = server_fresh(spec_from_args(args))
+    server.wait_timeout = args.wait_timeout
+    if args.metrics:
+        server.on_probe = MetricsLog(args.metrics)
+    store = None
+    if args.state:
+        store = StateStore(args.state, server, every=args.checkpoint_every)
+        resumed = store.load()
+        server.on_applied = store.on_applied
+    running = serve_handler(
+        server.handle,
+        args.host,
+        args.port,
+        tokens=tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        max_message_bytes=args.max_message_bytes,
+        status=server.status,
+        max_workers=args.max_workers,
+    )
+    info = {
+        "host": args.host,
+        "port": running.port,
+        "config": server.config,
+        "codec": server.act_codec.codec.spec,
+        "grad_codec": server.grad_codec.codec.spec,
+        "input_shape": shapes["input_shape"],
+        "clients": sorted(tokens or {}),
+        "resumed_steps": server.steps_applied if store and resumed else 0,
+    }
+    if args.json:
+        print_json({"listening": f"{args.host}:{running.port}", **info})
+    else:
+        print(f"listening on {args.host}:{running.port}", flush=True)
+        print(
+            f"  config {server.config}, codec {info['codec']}, grad codec {info['grad_codec']}, "
+            f"{len(tokens or {})} client token(s)"
+            + (f", resumed at step {server.steps_applied}" if info["resumed_steps"] else ""),
+            flush=True,
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    running.stop(grace=2.0)
+    if store is not None:
+        store.save()
+    return 0
