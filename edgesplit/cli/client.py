@@ -152,7 +152,8 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
                    help="this client's index among --clients")
     g.add_argument("--clients", type=_positive, default=None, metavar="N",
                    help="number of clients taking part (default: the server's)")
-    g.add_argument("--epochs", type=_positive, default=1, help="passes over this client's data")
+    g.add_argument("--epochs", type=_positive, default=None,
+                   help="passes over this client's data (default: the server's --epochs)")
     g.add_argument("--from", dest="source", metavar="CHECKPOINT", default=None,
                    help="initial weights of the lower layers (a checkpoint directory)")
     p.set_defaults(run=run)

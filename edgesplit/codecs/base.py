@@ -18,14 +18,14 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar, TypeVar, Union
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
 from edgesplit.errors import CodecError
 
 #: Anything with the buffer protocol that stages pass between each other (no copies needed).
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 #: Shapes are plain tuples of non-negative ints.
 Shape = tuple[int, ...]
@@ -85,9 +85,7 @@ def parse_flags(name: str, args: Sequence[str], known: Sequence[str]) -> set[str
     flags: set[str] = set()
     for arg in args:
         if arg not in known:
-            raise CodecError(
-                f"{name} has no option {arg!r}; valid options: {', '.join(known)}"
-            )
+            raise CodecError(f"{name} has no option {arg!r}; valid options: {', '.join(known)}")
         if arg in flags:
             raise CodecError(f"{name} option {arg!r} is given twice")
         flags.add(arg)
@@ -213,9 +211,7 @@ class StageRegistry:
             raise CodecError(f"stage class {cls.__name__} needs a lowercase name, got {name!r}")
         # u8 on the wire; 0 stays reserved so an all-zero table entry is never valid.
         if not isinstance(sid, int) or not 1 <= sid <= 255:
-            raise CodecError(
-                f"stage {name!r} needs an explicit stage_id in 1..255, got {sid!r}"
-            )
+            raise CodecError(f"stage {name!r} needs an explicit stage_id in 1..255, got {sid!r}")
         if name in self.by_name:
             raise CodecError(
                 f"stage name {name!r} is already registered by {self.by_name[name].__name__}"

@@ -131,11 +131,13 @@ class _Quant(ValueStage):
         return cls(channel=bool(flags & _FLAG_CHANNEL), stochastic=bool(flags & _FLAG_STOCHASTIC))
 
     def params(self) -> bytes:
-        flags = (_FLAG_CHANNEL if self.channel else 0) | (_FLAG_STOCHASTIC if self.stochastic else 0)
+        flags = (_FLAG_CHANNEL if self.channel else 0) | (
+            _FLAG_STOCHASTIC if self.stochastic else 0
+        )
         return bytes([flags])
 
     def spec(self) -> str:
-        opts = [o for o, on in zip(_OPTIONS, (self.channel, self.stochastic)) if on]
+        opts = [o for o, on in zip(_OPTIONS, (self.channel, self.stochastic), strict=True) if on]
         return f"{self.name}:{','.join(opts)}" if opts else self.name
 
     @property
@@ -285,7 +287,9 @@ class _Quant(ValueStage):
         # every decoded value lies in [lo, lo + levels * scale]; both ends must be float32
         top = lo.astype(np.float64) + scale.astype(np.float64) * self.levels
         if (np.abs(top) > _RANGE_LIMIT).any():
-            raise CodecError(f"{self.spec()} payload's lo + scale * {self.levels} overflows float32")
+            raise CodecError(
+                f"{self.spec()} payload's lo + scale * {self.levels} overflows float32"
+            )
         codes = _unpack(raw[8 * g :], self.bits, n)
         return self._dequantize(codes, lo, scale, shape)
 

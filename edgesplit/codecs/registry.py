@@ -92,7 +92,7 @@ def _check_chain(stages: Sequence[Stage], text: str) -> None:
     if not stages:
         raise CodecError(f"codec {text!r} has no stages; {_order_rule()}")
     seen: set[str] = set()
-    for prev, cur in zip([None, *stages], stages):
+    for prev, cur in zip([None, *stages[:-1]], stages, strict=True):
         if cur.name in seen:
             raise CodecError(
                 f"stage {cur.name!r} appears twice in {text!r}; each stage may appear once"
@@ -102,8 +102,11 @@ def _check_chain(stages: Sequence[Stage], text: str) -> None:
             raise CodecError(
                 f"stage {cur.name!r} cannot follow {prev.name!r} in {text!r}; {_order_rule()}"
             )
-    for kind, what in ((StageKind.SPARSE, "sparse"), (StageKind.VALUE, "value"),
-                       (StageKind.BYTES, "byte")):
+    for kind, what in (
+        (StageKind.SPARSE, "sparse"),
+        (StageKind.VALUE, "value"),
+        (StageKind.BYTES, "byte"),
+    ):
         names = [s.name for s in stages if s.kind == kind]
         # One byte stage at most: the decoder must know each byte stage's exact output size, and
         # the header implies only the size of the value stage's bytes.

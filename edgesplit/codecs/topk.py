@@ -131,8 +131,7 @@ class TopK(SparseStage):
             raise CodecError(f"topk expects {k} kept values for {n} elements, got {values.size}")
         if len(index) != self.index_size(n):
             raise CodecError(
-                f"topk index section is {len(index)} bytes; {n} elements imply "
-                f"{self.index_size(n)}"
+                f"topk index section is {len(index)} bytes; {n} elements imply {self.index_size(n)}"
             )
         out = np.zeros(n, dtype=np.float32)
         if n == 0:

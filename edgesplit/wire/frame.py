@@ -279,7 +279,7 @@ def _parse(data: Buffer, limits: FrameLimits) -> tuple[FrameHeader, Codec | None
             )
     stages = tuple(
         StageInfo(sid, stage_by_id(sid).name, params, s.spec())
-        for (sid, params), s in zip(table, codec.stages if codec else ())
+        for (sid, params), s in zip(table, codec.stages if codec else (), strict=True)
     )
     header = FrameHeader(VERSION, dtype, shape, stages, payload_length, pos)
     return header, codec, mv[pos : pos + payload_length]

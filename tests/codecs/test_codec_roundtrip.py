@@ -395,7 +395,9 @@ def test_zstd_requires_declared_and_matching_content_size() -> None:
     with pytest.raises(CodecError, match="does not declare its content size"):
         decode("q8+zstd", streamed, x.shape)
     other = zstandard.ZstdCompressor().compress(inner + b"\0")
-    with pytest.raises(CodecError, match=r"declares 41 bytes of content; the frame header implies 40"):
+    with pytest.raises(
+        CodecError, match=r"declares 41 bytes of content; the frame header implies 40"
+    ):
         decode("q8+zstd", other, x.shape)
     good = stage.encode(inner)
     with pytest.raises(CodecError, match="does not decompress"):

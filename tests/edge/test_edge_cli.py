@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 
@@ -18,6 +19,24 @@ from edgesplit.edge.runtime import iid_shard_indices
 def _wide_console(monkeypatch):
     """rich wraps tables to the terminal width; a fixed width keeps the text checks stable."""
     monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() calls logging.basicConfig, which binds a handler to this test's captured stderr;
+    drop it afterwards so later tests do not log into a closed stream."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+
+
+def _error_lines(err: str) -> list[str]:
+    """stderr lines of the command, without the in-process test server's log records."""
+    return [line for line in err.strip().splitlines()
+            if not line.startswith(("WARNING edgesplit.transport", "INFO ", "DEBUG "))]
 
 
 def _client(exported, served, token, *extra: str) -> list[str]:
@@ -85,7 +104,7 @@ def test_wrong_token_is_one_line_and_exit_2(vanilla, serve, capsys):
     assert main(_client(vanilla, served, "not-the-token", "--json")) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    lines = captured.err.strip().splitlines()
+    lines = _error_lines(captured.err)
     assert len(lines) == 1, lines
     assert lines[0].startswith("edgesplit client: error:") and "--token" in lines[0]
     assert "refused the token" in lines[0]
@@ -99,8 +118,9 @@ def test_data_of_the_wrong_shape_is_refused_before_sending(vanilla, serve, token
     args = _client(vanilla, served, token)
     args[args.index("--data") + 1] = str(bad)
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    err = lines[0]
     assert "shape (8, 8)" in err and "(64,)" in err
     assert not served.engine.stats  # nothing reached the server
 
@@ -183,8 +203,8 @@ def test_status_json_and_table(vanilla, serve, token, capsys):
         assert text in out, text
 
     assert main(["status", served.address, "--token", "wrong-token"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "token" in err[0]
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "token" in err[0], err
 
 
 def test_status_prints_keys_it_does_not_know(capsys):

@@ -81,6 +81,7 @@ def test_builtin_dataset_without_scikit_learn_says_use_npz(vanilla):
 
 def _copy_source(dest: Path) -> Path:
     """What ``pip install .`` needs, copied so the build does not write into the work tree."""
+    dest.mkdir(parents=True)
     for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE"):
         if (ROOT / name).is_file():
             shutil.copy2(ROOT / name, dest / name)

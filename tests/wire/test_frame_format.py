@@ -158,9 +158,10 @@ def test_label_frames_are_raw(dtype: type) -> None:
         assert frame[3:7] == bytes([1, next(c for c, d in DTYPE_CODES.items() if d == dtype), 2, 0])
         assert hdr.payload_length == labels.nbytes
         start = hdr.header_length
-        assert frame[start : start + labels.nbytes] == labels.astype(
-            np.dtype(dtype).newbyteorder("<")
-        ).tobytes()
+        assert (
+            frame[start : start + labels.nbytes]
+            == labels.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+        )
         y = decode_frame(frame)
         assert y.dtype == dtype and y.flags.writeable
         np.testing.assert_array_equal(y, labels)
@@ -227,8 +228,11 @@ def test_encode_refusals() -> None:
         (build(stages=[(1, b"")])[:13], FrameError, "truncated in its stage table entry 0"),
         (build(stages=[(8, b"\x00" * 40)])[:20], FrameError, "truncated in its stage 0 params"),
         (build()[:15], FrameError, "truncated in its payload length"),
-        (build(payload_length=1200, payload=b"\0" * 1184), FrameError,
-         "frame payload length 1200 does not match the 1184 bytes present"),
+        (
+            build(payload_length=1200, payload=b"\0" * 1184),
+            FrameError,
+            "frame payload length 1200 does not match the 1184 bytes present",
+        ),
         (build(payload_length=4), FrameError, "payload length 4 does not match the 8 bytes"),
         (build(tail=b"\0"), FrameError, "payload length 8 does not match the 9 bytes"),
         (build()[:-1], FrameError, "payload length 8 does not match the 7 bytes"),
@@ -237,8 +241,11 @@ def test_encode_refusals() -> None:
         (build(stages=[(99, b"")]), CodecError, "unknown codec stage id 99"),
         (build(stages=[(8, b"\x08")]), CodecError, "flags byte 0x08 has unknown bits"),
         (build(stages=[(1, b""), (32, b"\x00")]), CodecError, "zstd level must be in 1..22"),
-        (build(stages=[(16, struct.pack("<d", 2.0)), (1, b"")]), CodecError,
-         "topk fraction must be in"),
+        (
+            build(stages=[(16, struct.pack("<d", 2.0)), (1, b"")]),
+            CodecError,
+            "topk fraction must be in",
+        ),
         (build(stages=[(32, b"\x01"), (1, b"")]), CodecError, "cannot follow"),
         (build(stages=[(32, b"\x01")]), CodecError, "names no value stage"),
         (build(stages=[]), FrameError, "needs a stage table naming its value stage"),
@@ -276,7 +283,7 @@ def test_accepts_any_buffer() -> None:
 
 
 def test_default_limits() -> None:
-    assert DEFAULT_LIMITS == FrameLimits(max_elements=1 << 27, max_decoded_bytes=1 << 29)
+    assert FrameLimits(max_elements=1 << 27, max_decoded_bytes=1 << 29) == DEFAULT_LIMITS
     with pytest.raises(FrameError, match="max_elements must be a non-negative int"):
         FrameLimits(max_elements=-1)
 
