@@ -201,6 +201,26 @@ def _split(
     return Dataset(name, x, y, x_test, y_test, num_classes)
 
 
+def iid_shard_indices(n: int, index: int, count: int, *, seed: int = 0) -> np.ndarray:
+    """Sample indices of IID shard ``index`` of ``count`` over ``n`` samples (sorted).
+
+    One seeded permutation cut into ``count`` near-equal parts, so the shards of one dataset
+    are disjoint, cover it, and are the same on every machine that uses the same seed: several
+    processes given one file each play a different data holder.
+
+    Raises
+    ------
+    ConfigError
+        ``count < 1``, ``index`` outside ``0..count-1``, or more shards than samples.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count}: need 0 <= I < N with N >= 1")
+    if count > n:
+        raise ConfigError(f"cannot cut {n} samples into {count} shards")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(np.array_split(order, count)[index])
+
+
 def label_dtype(num_classes: int) -> np.dtype:
     """Smallest unsigned dtype that holds the class ids (labels travel in it)."""
     return np.dtype(

@@ -58,10 +58,11 @@ def add_connection_options(parser: argparse.ArgumentParser, *, sessions: bool = 
     ``sessions`` adds what only a session stream uses (message size, retries, timeout).
     """
     g = parser.add_argument_group("connection")
+    # the environment is read in resolve_token, not here: a default would print in --help
     g.add_argument(
         "--token",
-        default=os.environ.get(TOKEN_ENV),
-        help=f"this client's bearer token (default: ${TOKEN_ENV}; omit only for a server "
+        default=None,
+        help=f"this client's bearer token (else ${TOKEN_ENV}; omit both only for a server "
         "run without a token file)",
     )
     g.add_argument("--tls-ca", metavar="PEM", default=None,
@@ -81,6 +82,12 @@ def add_connection_options(parser: argparse.ArgumentParser, *, sessions: bool = 
                    "on one request")
     g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="wait at most this long for one reply")
+
+
+def resolve_token(args: argparse.Namespace) -> None:
+    """Fill ``args.token`` from ``$EDGESPLIT_TOKEN`` when ``--token`` was not given."""
+    if not getattr(args, "token", None):
+        args.token = os.environ.get(TOKEN_ENV) or None
 
 
 def tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,8 +167,9 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_token(args)
     if args.trainable:
-        from edgesplit.train.remote import run_trainable_client
+        from edgesplit.cli.trainable import run_trainable_client
 
         return run_trainable_client(args)
     return run_edge(args)

@@ -136,9 +136,11 @@ class ValueStage(Stage):
 
     kind: ClassVar[StageKind] = StageKind.VALUE
 
-    #: True when the stage needs the tensor's real shape (per-channel scales); such a stage
-    #: cannot follow a sparse stage, whose values are a flat vector.
-    needs_shape: bool = False
+    @property
+    def needs_shape(self) -> bool:
+        """True when the stage needs the tensor's real shape (per-channel scales); such a stage
+        cannot follow a sparse stage, whose values are a flat vector."""
+        return False
 
     @abstractmethod
     def encoded_size(self, shape: Shape) -> int:
@@ -146,7 +148,7 @@ class ValueStage(Stage):
 
     @abstractmethod
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
-        """Encode a C-contiguous, finite-checked-by-the-stage float32 array."""
+        """Encode a C-contiguous float32 array (the stage itself refuses NaN/inf)."""
 
     @abstractmethod
     def decode(self, data: Buffer, shape: Shape) -> np.ndarray:

@@ -108,6 +108,59 @@ class Fp32(ValueStage):
         return x.copy()
 
 
+_U32 = np.uint32
+# 0.5 as float32 bits: adding it to |x| < 2**-14 leaves round(|x| * 2**24) in the low mantissa
+# bits, rounded to nearest even by the FPU — exactly fp16's subnormal encoding.
+_F16_DENORM_MAGIC = np.array(((127 - 15) + (23 - 10) + 1) << 23, dtype=np.uint32)
+# rebias the exponent (127 -> 15) and add the 0xFFF of round-to-nearest in one constant
+_F16_REBIAS = _U32((((15 - 127) << 23) + 0xFFF) & 0xFFFFFFFF)
+
+
+def _to_fp16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> IEEE half bit patterns, round to nearest even; same bits as numpy's cast.
+
+    numpy's own cast is scalar code that is slowest on zeros (half of every ReLU output); this
+    does it in a dozen vectorised integer passes. Inputs are finite and below 65520 (checked by
+    the caller), so the inf/NaN cases of the general algorithm (F. Giesen, "float_to_half_fast3")
+    are not needed.
+    """
+    u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    a = np.bitwise_and(u, _U32(0x7FFFFFFF))
+    # normal halves: add 0xFFF + the lowest kept bit, then drop 13 mantissa bits
+    n = np.right_shift(a, 13)
+    n &= _U32(1)
+    n += a
+    n += _F16_REBIAS
+    n >>= _U32(13)
+    # subnormal halves (|x| < 2**-14, zeros included): the float adder does the rounding
+    s = np.add(a.view(np.float32), _F16_DENORM_MAGIC.view(np.float32)).view(np.uint32)
+    s -= _F16_DENORM_MAGIC
+    # branch-free select (np.where is several times slower here): m = all ones where subnormal
+    m = np.less(a, _U32(113 << 23)).view(np.uint8).astype(np.uint32)
+    np.negative(m, out=m)
+    s &= m
+    np.invert(m, out=m)
+    n &= m
+    n |= s
+    np.right_shift(u, 16, out=s)
+    s &= _U32(0x8000)
+    n |= s
+    return n.astype("<u2")
+
+
+_FP16_TABLE: np.ndarray | None = None
+
+
+def _from_fp16_bits(bits: np.ndarray) -> np.ndarray:
+    """IEEE half bit patterns -> float32 through a 65536-entry table (256 KiB, built once): one
+    gather instead of numpy's scalar cast, exact by construction."""
+    global _FP16_TABLE
+    if _FP16_TABLE is None:
+        _FP16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        _FP16_TABLE = _FP16_TABLE.astype(np.float32)
+    return np.take(_FP16_TABLE, bits.astype(np.intp, copy=False))
+
+
 @register
 @dataclass(frozen=True)
 class Fp16(ValueStage):
@@ -137,17 +190,17 @@ class Fp16(ValueStage):
 
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
         _check_range(self.name, x, _FP16_OVERFLOW)
-        return _le_bytes(x.astype("<f2"))
+        return _le_bytes(_to_fp16_bits(x))
 
     def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
         n = _check_size(self.name, data, shape, 2)
         # np.frombuffer only, never allow_pickle.
-        out = np.frombuffer(data, dtype="<f2", count=n).astype(np.float32).reshape(shape)
-        return _check_decoded(self.name, out)
+        bits = np.frombuffer(data, dtype="<u2", count=n)
+        return _check_decoded(self.name, _from_fp16_bits(bits).reshape(shape))
 
     def roundtrip(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _check_range(self.name, x, _FP16_OVERFLOW)
-        return x.astype(np.float16).astype(np.float32)
+        return _from_fp16_bits(_to_fp16_bits(x)).reshape(x.shape)
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -141,7 +141,7 @@ class _Quant(ValueStage):
         return f"{self.name}:{','.join(opts)}" if opts else self.name
 
     @property
-    def needs_shape(self) -> bool:  # type: ignore[override]
+    def needs_shape(self) -> bool:
         return self.channel
 
     # ---- sizes ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from edgesplit.codecs import Codec, parse_codec
+from edgesplit.data import iid_shard_indices  # noqa: F401 - re-exported for the CLI
 from edgesplit.edge.bundle import Bundle
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport.base import Transport
@@ -87,24 +88,6 @@ def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
-def iid_shard_indices(n: int, index: int, count: int, *, seed: int = 0) -> np.ndarray:
-    """Sample indices of IID shard ``index`` of ``count`` over ``n`` samples (sorted).
-
-    One seeded permutation cut into ``count`` near-equal parts, so the shards of one dataset
-    are disjoint, cover it, and are the same on every machine that uses the same seed: several
-    processes given one file each play a different data holder.
-
-    Raises
-    ------
-    ConfigError
-        ``count < 1``, ``index`` outside ``0..count-1``, or more shards than samples.
-    """
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(f"shard {index}/{count}: need 0 <= I < N with N >= 1")
-    if count > n:
-        raise ConfigError(f"cannot cut {n} samples into {count} shards")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(np.array_split(order, count)[index])
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesplit.data import Dataset, load_dataset
+from edgesplit.data import Dataset, iid_shard_indices, load_dataset
 from edgesplit.errors import ConfigError
 from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
@@ -77,9 +77,9 @@ def epoch_plan(
 
 
 def shards(n: int, clients: int, seed: int) -> list[np.ndarray]:
-    """Split sample indices into ``clients`` IID shards of (almost) equal size."""
-    order = np.random.default_rng(seed + 7919).permutation(n)
-    return [np.sort(part) for part in np.array_split(order, clients)]
+    """Split sample indices into ``clients`` IID shards: the same cut the edge client's
+    ``--shard I/N`` makes, so frozen, trainable and in-process clients hold the same data."""
+    return [iid_shard_indices(n, i, clients, seed=seed) for i in range(clients)]
 
 
 def feature_blocks(num_features: int, parties: int, spec: str | None) -> list[tuple[int, int]]:

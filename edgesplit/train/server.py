@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import threading
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgesplit.data import label_dtype
 from edgesplit.errors import CodecError, ConfigError, FrameError, ProtocolError
 from edgesplit.train.frames import TensorCodec, decode_labels, fp32_frame_size
 from edgesplit.wire.frame import decode_frame, encode_frame
@@ -48,6 +50,8 @@ class ClientStats:
     repeats: int = 0
     errors: int = 0
     last_seen: float = 0.0
+    probe_steps: int = 0  # counters at this client's previous probe (interval start)
+    probe_bytes_in: int = 0
 
     def row(self) -> dict[str, Any]:
         return {
@@ -85,6 +89,12 @@ def _message_from_json(item: dict[str, Any]) -> Message:
         {n: base64.b64decode(f) for n, f in item["tensors"].items()},
         item["meta"],
     )
+
+
+def _snr_db(reference: torch.Tensor, decoded: torch.Tensor) -> float:
+    noise = float(((decoded - reference) ** 2).sum())
+    signal = float((reference**2).sum())
+    return 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf
 
 
 @dataclass
@@ -146,7 +156,8 @@ class SplitServer:
         self.wait_timeout = wait_timeout
         self.on_probe = on_probe
         self.stats: dict[str, ClientStats] = defaultdict(ClientStats)
-        self.probes: list[dict[str, Any]] = []
+        self.probes: deque[dict[str, Any]] = deque(maxlen=1000)  # the latest, for tests/status
+        self.latest_probe: dict[str, dict[str, Any]] = {}
         self.steps_applied = 0
         self._cond = threading.Condition(threading.RLock())
         self._records: dict[tuple[str, str], OrderedDict[tuple[str, int], Message]] = defaultdict(
@@ -219,6 +230,7 @@ class SplitServer:
             Kind.PREDICT: self._predict,
             Kind.MIDDLE_GRAD: self._middle_grad,
             Kind.WEIGHTS: self._weights,
+            Kind.BYE: lambda m: Message(Kind.ACK, m.session, m.client, m.step),
             Kind.STATUS: lambda m: Message(
                 Kind.STATUS, m.session, m.client, m.step, meta=self.status()
             ),
@@ -292,6 +304,9 @@ class SplitServer:
         with self._cond, torch.no_grad():
             self.segment.eval()
             out = self.segment(act)
+        if "act_ref" in message.tensors:
+            labels = self._labels(message, len(act)) if "labels" in message.tensors else None
+            self._probe(message, act, labels)
         if self.config == "ushape":
             return Message(
                 Kind.MIDDLE,
@@ -300,12 +315,11 @@ class SplitServer:
                 message.step,
                 {"mid": self.act_codec.encode(out)},
             )
-        if "act_ref" in message.tensors and "labels" in message.tensors:
-            self._probe(message, act, self._labels(message, len(act)))
         return self._prediction(message, out)
 
     def _prediction(self, message: Message, logits: torch.Tensor) -> Message:
-        pred = logits.argmax(1).numpy().astype(np.int64)
+        # class ids travel in the smallest integer type that holds them, like labels
+        pred = logits.argmax(1).numpy().astype(label_dtype(logits.shape[1]))
         meta: dict[str, Any] = {"n": len(pred)}
         if "labels" in message.tensors:
             labels = decode_labels(message.tensors["labels"])
@@ -418,7 +432,8 @@ class SplitServer:
                         "",
                         "",
                         0,
-                        {"grad": self.grad_codec.encode(parts[k][0].grad)},
+                        # a frozen party (an exported edge segment) applies nothing: no grad
+                        {"grad": self.grad_codec.encode(parts[k][0].grad)} if parts[k][3] else {},
                         meta,
                     )
                     for k in order
@@ -429,7 +444,8 @@ class SplitServer:
             return {k: self._prediction(Message(Kind.PREDICT), logits) for k in order}
 
         ids = message.meta.get("ids")
-        reply = self._barrier(key, parties, party, (act, labels, ids), compute)
+        want_grad = bool(message.meta.get("want_grad", True))
+        reply = self._barrier(key, parties, party, (act, labels, ids, want_grad), compute)
         return Message(
             reply.kind,
             message.session,
@@ -556,30 +572,43 @@ class SplitServer:
         stats.loss_sum += float(loss.detach()) * n
         stats.correct += int((logits.argmax(1) == labels).sum())
 
-    def _probe(self, message: Message, act: torch.Tensor, labels: torch.Tensor) -> None:
-        """Compare the decoded batch with the same batch at fp32: what compression costs."""
+    def _probe(self, message: Message, act: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Compare the decoded batch with the same batch sent at fp32: what compression costs,
+        for this client over the interval since its previous probe."""
         ref = self.act_codec.decode(message.tensors["act_ref"])
         if ref.shape != act.shape:
             raise ProtocolError(f"act_ref shape {tuple(ref.shape)} != act {tuple(act.shape)}")
-        with torch.no_grad():
+        with self._cond, torch.no_grad():
+            was_training = self.segment.training
             self.segment.eval()
             out_dec, out_ref = self.segment(act), self.segment(ref)
-            self.segment.train()
-        noise = float(((act - ref) ** 2).sum())
-        signal = float((ref**2).sum())
-        record = {
+            self.segment.train(was_training)
+        stats = self.stats[message.client]
+        record: dict[str, Any] = {
+            "time": time.time(),
             "client": message.client,
             "step": message.step,
             "n": len(act),
-            "accuracy_decoded": float((out_dec.argmax(1) == labels).float().mean()),
-            "accuracy_reference": float((out_ref.argmax(1) == labels).float().mean()),
-            "loss_decoded": float(self.loss_fn(out_dec, labels)),
-            "loss_reference": float(self.loss_fn(out_ref, labels)),
-            "snr_db": 10 * np.log10(signal / noise) if noise > 0 else float("inf"),
+            "snr_db": _snr_db(ref, act),
+            "output_snr_db": _snr_db(out_ref, out_dec),
             "bytes_act": len(message.tensors["act"]),
             "bytes_act_fp32": fp32_frame_size(tuple(act.shape)),
+            "interval_steps": stats.steps - stats.probe_steps,
+            "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
         }
+        stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
+        if self.config != "ushape":  # the server's output is logits: compare the decisions
+            pred_dec, pred_ref = out_dec.argmax(1), out_ref.argmax(1)
+            record["agreement"] = float((pred_dec == pred_ref).float().mean())
+            if labels is not None:
+                record.update(
+                    accuracy_decoded=float((pred_dec == labels).float().mean()),
+                    accuracy_reference=float((pred_ref == labels).float().mean()),
+                    loss_decoded=float(self.loss_fn(out_dec, labels)),
+                    loss_reference=float(self.loss_fn(out_ref, labels)),
+                )
         self.probes.append(record)
+        self.latest_probe[message.client] = record
         if self.on_probe:
             self.on_probe(record)
 
@@ -642,4 +671,5 @@ class SplitServer:
             "steps_applied": self.steps_applied,
             "clients": {name: s.row() for name, s in sorted(self.stats.items())},
             "last_probe": self.probes[-1] if self.probes else None,
+            "probes": dict(sorted(self.latest_probe.items())),
         }

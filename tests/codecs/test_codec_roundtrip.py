@@ -429,3 +429,59 @@ def test_q8_writes_codes_in_place() -> None:
     _, payload = parse_codec("q8").encode(x)
     assert payload == struct.pack("<ff", 0.0, 1.0) + bytes([0, 1, 2, 255])
     assert Q8().encoded_size(x.shape) == len(payload)
+
+
+# ---- fast paths are exact ----------------------------------------------------------------
+
+
+def test_fp16_matches_numpy_bit_for_bit() -> None:
+    from edgesplit.codecs.fp import _from_fp16_bits, _to_fp16_bits
+
+    rng = np.random.default_rng(0)
+    bits = np.concatenate(
+        [
+            rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32),
+            np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32),  # every exponent
+        ]
+    )
+    f = bits.view(np.float32)
+    f = f[np.isfinite(f) & (np.abs(f) < 65520)]
+    edges = np.array(
+        [0.0, -0.0, 65504, 65519.996, -65519.996, 2**-14, 2**-24, 2**-25, 2**-26, 3 * 2**-26,
+         2**-14 - 2**-25, 1e-8, -1e-8, 6.1e-5, 1.0009765625, 1.00048828125, 2049.0, 2051.0],
+        dtype=np.float32,
+    )  # fmt: skip
+    f = np.concatenate([f, edges])
+    np.testing.assert_array_equal(_to_fp16_bits(f), f.astype(np.float16).view(np.uint16))
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    np.testing.assert_array_equal(
+        _from_fp16_bits(every).view(np.uint32),
+        every.view(np.float16).astype(np.float32).view(np.uint32),
+    )
+
+
+@pytest.mark.parametrize("fraction", [0.0005, 0.01, 0.1, 0.25, 0.3])
+@pytest.mark.parametrize("kind", ["relu", "normal", "ties", "sorted", "constant"])
+def test_topk_sampled_selection_is_exact(fraction: float, kind: str) -> None:
+    rng = np.random.default_rng(1)
+    n = 150_001
+    x = {
+        "relu": np.maximum(rng.standard_normal(n), 0),
+        "normal": rng.standard_normal(n),
+        "ties": rng.integers(-3, 4, n),
+        "sorted": np.arange(n),
+        "constant": np.full(n, 2.0),
+    }[kind].astype(np.float32)
+    stage = TopK(fraction)
+    k = stage.kept(n)
+    index, values = stage.select(x)
+    y = stage.scatter(index, values, n)
+    kept = y != 0 if kind not in ("ties", "relu") else None
+    # the kept magnitudes are exactly the k largest (as a multiset)
+    ref = np.sort(np.abs(x))[n - k :]
+    got_idx = np.flatnonzero(stage.scatter(index, np.ones(k, np.float32), n))
+    assert got_idx.size == k
+    np.testing.assert_array_equal(np.sort(np.abs(x[got_idx])), ref)
+    np.testing.assert_array_equal(y[got_idx], x[got_idx])
+    if kept is not None:
+        assert kept.sum() == k

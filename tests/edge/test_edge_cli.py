@@ -97,6 +97,9 @@ def test_token_from_environment(vanilla, serve, token, capsys, monkeypatch):
             "--data", str(vanilla.npz), "--limit", "8", "--json"]
     assert main(args) == 0
     assert _json(capsys)["samples"] == 8
+    with pytest.raises(SystemExit):
+        main(["client", "--help"])
+    assert token not in capsys.readouterr().out  # --help must not print the secret
 
 
 def test_wrong_token_is_one_line_and_exit_2(vanilla, serve, capsys):
@@ -165,9 +168,9 @@ def test_missing_bundle_and_data(vanilla, tmp_path, capsys):
 
 def test_trainable_hands_over_to_the_torch_client(monkeypatch, tmp_path):
     seen: list = []
-    fake = types.ModuleType("edgesplit.train.remote")
+    fake = types.ModuleType("edgesplit.cli.trainable")
     fake.run_trainable_client = lambda args: seen.append(args) or 0
-    monkeypatch.setitem(sys.modules, "edgesplit.train.remote", fake)
+    monkeypatch.setitem(sys.modules, "edgesplit.cli.trainable", fake)
     code = main(["client", "--trainable", "--server", "127.0.0.1:1", "--token", "t",
                  "--data", "digits", "--mode", "train", "--config", "splitfed", "--index", "1",
                  "--clients", "3", "--shard", "1/3", "--epochs", "2",

@@ -11,8 +11,9 @@ Regenerate (after a deliberate format change only) with::
 
 zstd output is deterministic for a given libzstd version but may change between versions, so the
 byte comparison of frames with a zstd stage is made only when the installed libzstd is the one
-recorded in ``MANIFEST.json``; otherwise those goldens are checked by decoding alone. Stochastic
-codecs are not in the list: their bytes depend on numpy's random stream, which numpy may change.
+recorded in ``tests/golden/esf_manifest.json``; otherwise those goldens are checked by decoding
+alone. Stochastic codecs are not in the list: their bytes depend on numpy's random stream, which
+numpy may change.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from edgesplit.codecs import parse_codec
 from edgesplit.wire.frame import decode_frame, encode_frame, read_header
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
-MANIFEST = GOLDEN_DIR / "MANIFEST.json"
+MANIFEST = GOLDEN_DIR / "esf_manifest.json"
 REGEN = os.environ.get("EDGESPLIT_REGEN_GOLDEN") == "1"
 ZSTD_VERSION = ".".join(str(v) for v in zstandard.ZSTD_VERSION)
 
