@@ -30,3 +30,7 @@ class ConfigError(EdgesplitError):
 
 class ProtocolError(TransportError):
     """A message that is well-formed bytes but breaks the protocol (wrong kind, session, step)."""
+
+
+class TrainingDiverged(EdgesplitError):
+    """A step whose loss or gradients are not finite: nothing was applied."""

@@ -66,7 +66,9 @@ def add_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatter] | 
     g.add_argument("--seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
     g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
     g.add_argument("--batch-size", type=int, default=32, help="samples per step")
-    g.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    g.add_argument("--lr", type=float, default=0.02, help="SGD learning rate")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; small split models are fastest on one")
     g.add_argument("--clients", type=int, default=1, help="clients (or parties for vertical)")
     g.add_argument("--feature-split", default=None,
                    help="vertical: feature blocks per party, e.g. 0:10,10:30")
@@ -114,9 +116,10 @@ def add_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatter] | 
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, write the outputs, print a summary (or the JSON). Returns 0."""
-    from edgesplit.cli.common import print_json
+    from edgesplit.cli.common import print_json, set_threads
     from edgesplit.evaluate.sweep import run_sweep
 
+    set_threads(args)
     sweep_args = to_sweep_args(args)
     # progress goes to stderr, so it does not disturb --json on stdout
     result = run_sweep(sweep_args, progress=not args.no_progress)

@@ -70,7 +70,7 @@ class SweepArgs:
     seed: int = 0
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.02
     clients: int = 1
     feature_split: str | None = None
     devices: list[str] | None = None
@@ -474,6 +474,8 @@ def aggregate(cut: str, codec: str, results: Sequence[TrainResult],
         # sample standard deviation over seeds (0 with one seed)
         "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
         "accuracies": acc,
+        # a seed whose training stopped on a non-finite loss: its accuracy is what it reached
+        "diverged": any(bool(getattr(r, "diverged", False)) for r in results),
         "loss_mean": _mean(float(r.loss) for r in results),
         "bytes_up_per_sample": up,
         "bytes_down_per_sample": down,

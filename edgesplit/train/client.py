@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesplit.errors import ProtocolError, TransportError
+from edgesplit.errors import ProtocolError, TrainingDiverged, TransportError
 from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels, fp32_frame_size
 from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
@@ -29,6 +29,8 @@ def expect(reply: Message, *kinds: str) -> Message:
     if reply.kind == Kind.ERROR:
         code = reply.meta.get("code", "UNKNOWN")
         text = reply.meta.get("message", "")
+        if reply.meta.get("diverged"):
+            raise TrainingDiverged(text)
         error = ProtocolError if code == "INVALID_ARGUMENT" else TransportError
         raise error(f"server refused step {reply.step}: {code}: {text}")
     if reply.kind not in kinds:
@@ -167,6 +169,11 @@ class SplitClient:
         self.head.train()
         logits = self.head(mid)
         loss = self.loss_fn(logits, y)
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDiverged(
+                f"training diverged at step {self.step} (loss "
+                f"{float(loss.detach()):.4g}); lower --lr or use a finer codec"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # fills the head's grads and mid.grad
         frame = self.grad.encode(mid.grad)

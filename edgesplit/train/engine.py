@@ -7,6 +7,7 @@ client and server roles that exchange real frames over a transport.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import uuid
 from collections import OrderedDict
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from edgesplit.data import Dataset, iid_shard_indices, load_dataset
-from edgesplit.errors import ConfigError
+from edgesplit.errors import ConfigError, TrainingDiverged
 from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
 from edgesplit.split.profile import profile_segment
@@ -29,6 +30,8 @@ from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import CONFIGS, TrainResult, TrainSpec
 from edgesplit.transport.base import Handler, Transport
 from edgesplit.transport.inprocess import InProcessTransport
+
+log = logging.getLogger(__name__)
 
 #: Makes the transport a client uses; the default is in-process.
 TransportFactory = Callable[[Handler, str], Transport]
@@ -363,7 +366,7 @@ class _Run:
             codec=self.clients[0].act.codec.spec,
             grad_codec=self.clients[0].grad.codec.spec,
             accuracy=accuracy,
-            loss=history[-1]["loss"],
+            loss=history[-1]["loss"] if history else math.nan,
             bytes_up=total("bytes_up"),
             bytes_down=total("bytes_down"),
             bytes_up_fp32=total("bytes_up_fp32"),
@@ -401,13 +404,21 @@ def run_training(
     run = _Run(spec, transport_factory)
     run.on_step = on_step
     history: list[dict[str, float]] = []
+    diverged = False
     for epoch in range(spec.epochs):
-        row = run.train_epoch(epoch)
+        try:
+            row = run.train_epoch(epoch)
+        except TrainingDiverged as exc:
+            # a result, not a crash: a sweep must record that this cut × codec does not train
+            log.warning("%s %s: %s", spec.config, spec.codec, exc)
+            diverged = True
+            break
         history.append(row)
         if on_epoch:
             on_epoch(epoch, spec.epochs, row)
     accuracy = run.test_accuracy()
     result = run.result(history, accuracy)
+    result.diverged = diverged
     return TrainedSplit(
         spec=spec,
         result=result,

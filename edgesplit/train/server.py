@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from edgesplit.data import label_dtype
-from edgesplit.errors import CodecError, ConfigError, FrameError, ProtocolError
+from edgesplit.errors import (
+    CodecError,
+    ConfigError,
+    EdgesplitError,
+    FrameError,
+    ProtocolError,
+    TrainingDiverged,
+)
 from edgesplit.train.frames import TensorCodec, decode_labels, fp32_frame_size
 from edgesplit.wire.frame import decode_frame, encode_frame
 from edgesplit.wire.messages import Kind, Message, error_message
@@ -104,7 +111,7 @@ class _Barrier:
     expected: int
     parts: dict[int, Any] = field(default_factory=dict)
     replies: dict[int, Message] | None = None
-    error: str | None = None
+    error: EdgesplitError | None = None  # raised for every participant
 
 
 class SplitServer:
@@ -188,6 +195,10 @@ class SplitServer:
                 "bad %s from %s step %d: %s", message.kind, message.client, message.step, exc
             )
             reply = error_message(message, "INVALID_ARGUMENT", str(exc))
+        except TrainingDiverged as exc:
+            stats.errors += 1
+            reply = error_message(message, "FAILED_PRECONDITION", str(exc))
+            reply.meta["diverged"] = True
         except TimeoutError as exc:
             stats.errors += 1
             reply = error_message(message, "DEADLINE_EXCEEDED", str(exc))
@@ -278,6 +289,7 @@ class SplitServer:
             loss = self.loss_fn(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._check_finite(message.step, loss, act.grad)
             self.optimizer.step()
             self.steps_applied += 1
         self._count(message.client, len(act), loss, logits, labels)
@@ -373,6 +385,7 @@ class SplitServer:
         with self._cond:
             self.optimizer.zero_grad(set_to_none=True)
             mid.backward(grad)
+            self._check_finite(message.step, None, act.grad)
             self.optimizer.step()
             self.steps_applied += 1
         self.stats[message.client].steps += 1
@@ -418,6 +431,7 @@ class SplitServer:
                 loss = self.loss_fn(logits, label_list[0])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._check_finite(message.step, loss, *(a.grad for a in acts))
                 self.optimizer.step()
                 self.steps_applied += 1
                 self._count(message.client, len(joined), loss, logits, label_list[0])
@@ -506,6 +520,25 @@ class SplitServer:
         raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
 
     # ------------------------------------------------------------------ helpers
+    def _check_finite(
+        self, step: int, loss: torch.Tensor | None, *grads: torch.Tensor | None
+    ) -> None:
+        """Refuse to apply a step whose loss or gradients are not finite: training diverged
+        (too high a learning rate, or a codec too coarse for this cut). Nothing is updated."""
+        bad = loss is not None and not bool(torch.isfinite(loss))
+        bad = bad or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
+        bad = bad or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            for p in self.segment.parameters()
+        )
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            value = "nan" if loss is None else f"{float(loss.detach()):.4g}"
+            raise TrainingDiverged(
+                f"training diverged at step {step} (loss {value}, non-finite gradients); "
+                "lower --lr, or use a finer codec for this cut"
+            )
+
     def _barrier(
         self,
         key: tuple[str, int],
@@ -524,8 +557,8 @@ class SplitServer:
             if len(barrier.parts) == expected and barrier.replies is None:
                 try:
                     barrier.replies = compute(barrier.parts)
-                except (FrameError, CodecError, ProtocolError) as exc:
-                    barrier.error = str(exc)
+                except (FrameError, CodecError, ProtocolError, TrainingDiverged) as exc:
+                    barrier.error = exc
                     barrier.replies = {}
                 self._cond.notify_all()
             deadline = time.monotonic() + self.wait_timeout
@@ -538,8 +571,8 @@ class SplitServer:
                         f"{expected - len(barrier.parts)} more participant(s)"
                     )
                 self._cond.wait(left)
-            if barrier.error:
-                raise ProtocolError(barrier.error)
+            if barrier.error is not None:
+                raise type(barrier.error)(str(barrier.error))
             reply = barrier.replies.pop(index)
             if not barrier.replies:
                 self._barriers.pop(key, None)

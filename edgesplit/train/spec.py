@@ -87,6 +87,7 @@ class TrainResult:
     server_flops: int  # forward FLOPs per sample of the server segment
     clients: list[ClientBytes] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, accuracy
+    diverged: bool = False  # stopped early: a step's loss or gradients were not finite
 
     @property
     def ratio_up(self) -> float:
