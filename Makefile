@@ -26,6 +26,8 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python bench/codecs.py
 	$(BIN)/python bench/split_overhead.py
+	$(BIN)/python bench/transport.py
+	$(BIN)/python bench/edge_runtime.py
 
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/gen_proto.sh
