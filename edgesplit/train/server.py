@@ -523,14 +523,11 @@ class SplitServer:
     def _check_finite(
         self, step: int, loss: torch.Tensor | None, *grads: torch.Tensor | None
     ) -> None:
-        """Refuse to apply a step whose loss or gradients are not finite: training diverged
-        (too high a learning rate, or a codec too coarse for this cut). Nothing is updated."""
+        """Refuse to apply a step whose loss or cut gradients are not finite: training diverged
+        (too high a learning rate, or a codec too coarse for this cut). Nothing is updated.
+        (Parameter gradients are not scanned: that would cost a pass over every weight.)"""
         bad = loss is not None and not bool(torch.isfinite(loss))
         bad = bad or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
-        bad = bad or any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all())
-            for p in self.segment.parameters()
-        )
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             value = "nan" if loss is None else f"{float(loss.detach()):.4g}"
