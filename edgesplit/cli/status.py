@@ -71,6 +71,7 @@ def print_status(status: dict[str, Any], server: str, *, now: float | None = Non
     rest = dict(status)
     clients = rest.pop("clients", None)
     last_probe = rest.pop("last_probe", None)
+    probes = rest.pop("probes", None)
     scalars = {k: v for k, v in rest.items() if not isinstance(v, dict | list)}
     head = "  ".join(f"{k} [bold]{_cell(k, v, now)}[/]" for k, v in scalars.items())
     console.print(f"server {server}" + (f"  {head}" if head else ""))
@@ -82,6 +83,10 @@ def print_status(status: dict[str, Any], server: str, *, now: float | None = Non
         console.print(_probe_table(last_probe, now))
     elif last_probe is None and "last_probe" in status:
         console.print("no probe yet (clients send one with --probe-every K)")
+    if isinstance(probes, dict) and probes and all(isinstance(v, dict) for v in probes.values()):
+        console.print(_probes_table(probes))
+    elif probes:
+        console.print(_generic("probes", probes, now))
     for key, value in rest.items():
         if key not in scalars:
             console.print(_generic(key, value, now))
@@ -140,6 +145,24 @@ def _probe_table(probe: dict[str, Any], now: float) -> Any:
     for key, value in p.items():
         if key not in shown:
             table.add_row(key, _cell(key, value, now))
+    return table
+
+
+def _probes_table(probes: dict[str, Any]) -> Any:
+    """One row per client: its latest interval's cost of compression."""
+    from rich.table import Table
+
+    table = Table(title="probes: what compression costs, latest interval per client")
+    for col in ("client", "step", "acc decoded", "acc fp32", "agree", "SNR dB", "B act",
+                "B fp32", "steps"):
+        table.add_column(col, justify="right")
+    for name, p in sorted(probes.items()):
+        snr = p.get("snr_db")
+        table.add_row(
+            name, str(p.get("step", "")), _fmt(p.get("accuracy_decoded"), "{:.4f}"),
+            _fmt(p.get("accuracy_reference"), "{:.4f}"), _fmt(p.get("agreement"), "{:.3f}"),
+            "lossless" if snr is None else f"{snr:.1f}", str(p.get("bytes_act", "")),
+            str(p.get("bytes_act_fp32", "")), str(p.get("interval_steps", "")))
     return table
 
 

@@ -289,11 +289,13 @@ class SplitServer:
             loss = self.loss_fn(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self._check_finite(message.step, loss, act.grad)
+            self._check_finite(message.step, loss)
+            # encode before stepping: the codec refuses a non-finite gradient, and then nothing
+            # may have been applied
+            tensors = {"grad": self._encode_grad(message.step, act.grad)} if want_grad else {}
             self.optimizer.step()
             self.steps_applied += 1
         self._count(message.client, len(act), loss, logits, labels)
-        tensors = {"grad": self.grad_codec.encode(act.grad)} if want_grad else {}
         if "act_ref" in message.tensors:
             self._probe(message, act.detach(), labels)
         return Message(
@@ -520,6 +522,17 @@ class SplitServer:
         raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
 
     # ------------------------------------------------------------------ helpers
+    def _encode_grad(self, step: int, grad: torch.Tensor | None) -> bytes:
+        """The cut gradient as a frame; a non-finite gradient means training diverged."""
+        if grad is None:
+            raise ProtocolError("no gradient reached the cut: the server segment ignores its input")
+        try:
+            return self.grad_codec.encode(grad)
+        except CodecError as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"training diverged at step {step}: {exc}; lower --lr, or "
+                                   "use a finer codec for this cut") from None
+
     def _check_finite(
         self, step: int, loss: torch.Tensor | None, *grads: torch.Tensor | None
     ) -> None:
