@@ -7,6 +7,7 @@ folder laid out as ``root/<class name>/<image>``.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def load_dataset(source: str, *, test_fraction: float = 0.25, split_seed: int = 
 def load_npz(path: Path | str, *, require_labels: bool = True) -> dict[str, np.ndarray]:
     """Read and validate a user ``.npz``. Every problem is a :class:`ConfigError` naming it."""
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not an .npz archive (write one with numpy.savez(path, x=..., "
+                          "y=...))")
     try:
         # never allow_pickle: an .npz from someone else must not run code on load
         with np.load(path, allow_pickle=False) as npz:

@@ -157,6 +157,9 @@ def family_of(model: str, input_shape: tuple[int, ...]) -> str | None:
     if model in FAMILIES:
         return model
     if ":" in model:
+        target = model.rpartition(":")[0]
+        if target.endswith(".py") and not Path(target).is_file():
+            raise ConfigError(f"model file {target!r} does not exist")
         return None
     raise ConfigError(
         f"unknown model {model!r}; use auto, {', '.join(FAMILIES)}, or file.py:build / "

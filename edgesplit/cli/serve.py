@@ -61,6 +61,13 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
         help="largest message accepted or sent",
     )
     g.add_argument(
+        "--max-tensor-mib",
+        type=int,
+        default=64,
+        help="largest tensor one frame may decode to (a tiny zstd frame can claim a huge "
+        "one); raise it for big cut tensors",
+    )
+    g.add_argument(
         "--max-workers",
         type=int,
         default=16,
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.train.serving import MetricsLog, StateStore, server_fresh, server_from_checkpoint
     from edgesplit.transport.grpc_server import serve_handler
     from edgesplit.transport.tokens import read_token_file
+    from edgesplit.wire.frame import FrameLimits
 
     set_threads(args)
     if args.tokens is None and not args.no_auth:
@@ -126,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         server, shapes = server_fresh(spec_from_args(args))
     server.wait_timeout = args.wait_timeout
+    server.set_limits(
+        FrameLimits(
+            max_elements=args.max_tensor_mib << 18, max_decoded_bytes=args.max_tensor_mib << 20
+        )
+    )
     if args.metrics:
         server.on_probe = MetricsLog(args.metrics)
     store = None

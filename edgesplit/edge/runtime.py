@@ -30,14 +30,12 @@ so the server can measure what the codec costs in accuracy and SNR on real devic
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -45,10 +43,10 @@ import numpy as np
 from edgesplit.codecs import Codec, parse_codec
 from edgesplit.data import iid_shard_indices  # noqa: F401 - re-exported for the CLI
 from edgesplit.edge.bundle import Bundle
-from edgesplit.errors import ConfigError, ProtocolError, TransportError
+from edgesplit.errors import ConfigError, ProtocolError
 from edgesplit.transport.base import Transport
-from edgesplit.wire.frame import decode_frame, encode_frame
-from edgesplit.wire.messages import Kind, Message
+from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
+from edgesplit.wire.messages import Kind, Message, expect, ids_digest  # noqa: F401
 
 MODES = ("infer", "train")
 #: Latency components, in the order tables show them; ``total`` is the measured wall time.
@@ -56,36 +54,6 @@ LATENCY_PARTS = ("compute", "encode", "network", "decode")
 RUNTIME = "edge"
 
 
-def expect(reply: Message, *kinds: str) -> Message:
-    """Return ``reply`` if it is one of ``kinds``; turn an ERROR reply into a typed exception.
-
-    The same rule as the torch client (``edgesplit.train.client.expect``), repeated here so the
-    edge runtime does not import the training package.
-
-    Raises
-    ------
-    ProtocolError
-        An ``INVALID_ARGUMENT`` error reply, or a reply of another kind.
-    TransportError
-        Any other error reply (``DEADLINE_EXCEEDED``, ...).
-    """
-    if reply.kind == Kind.ERROR:
-        code = reply.meta.get("code", "UNKNOWN")
-        text = reply.meta.get("message", "")
-        error = ProtocolError if code == "INVALID_ARGUMENT" else TransportError
-        raise error(f"server refused step {reply.step}: {code}: {text}")
-    if reply.kind not in kinds:
-        raise ProtocolError(f"expected {' or '.join(kinds)} from the server, got {reply.kind!r}")
-    return reply
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """A short digest of a batch's sample ids (vertical: the server checks the parties agree).
-
-    Must equal ``edgesplit.train.client.ids_digest``: SHA-256 of the ids as little-endian
-    int64, first 16 hex digits.
-    """
-    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 
@@ -118,7 +86,8 @@ class EdgeReport:
     bytes_probe:
         Part of ``bytes_up`` spent on ``act_ref`` probe frames.
     ratio_up:
-        ``bytes_up_fp32 / bytes_up`` (how many times fewer bytes the codec sends).
+        ``(bytes_up_fp32 - bytes_probe) / (bytes_up - bytes_probe)``: how many times fewer
+        bytes the codec sends (the fp32 probe copies, counted in both totals, left out).
     latency_ms:
         Mean milliseconds per batch: ``compute`` (onnxruntime, head included), ``encode``,
         ``network`` (request round trip, server time included), ``decode`` and ``total`` (wall
@@ -464,7 +433,9 @@ class EdgeClient:
             bytes_down=t.bytes_down,
             bytes_up_fp32=t.bytes_up_fp32,
             bytes_probe=t.bytes_probe,
-            ratio_up=t.bytes_up_fp32 / t.bytes_up if t.bytes_up else None,
+            # the fp32 probe copies measure the codec; they are not part of its ratio
+            ratio_up=(t.bytes_up_fp32 - t.bytes_probe) / (t.bytes_up - t.bytes_probe)
+            if t.bytes_up > t.bytes_probe else None,
             latency_ms={k: v * 1e3 / max(batches, 1) for k, v in t.seconds.items()},
             latency_ms_total={k: v * 1e3 for k, v in t.seconds.items()},
             connect_ms=connect_ms,
@@ -516,7 +487,7 @@ class EdgeClient:
         t.seconds["total"] += end - start
         up = sum(len(f) for f in tensors.values())
         t.bytes_up += up
-        t.bytes_up_fp32 += up - len(act_frame) + _fp32_frame_size(tuple(act.shape))
+        t.bytes_up_fp32 += up - len(act_frame) + fp32_frame_size(tuple(act.shape))
         t.bytes_down += reply.tensor_bytes()
         if probe:
             t.probes += 1
@@ -569,15 +540,6 @@ class EdgeClient:
                                 f"of {n} samples")
         return pred, head_seconds
 
-
-@lru_cache(maxsize=64)
-def _fp32_frame_size(shape: tuple[int, ...]) -> int:
-    """Length of the fp32 frame of a float tensor of ``shape`` (what an uncompressed act costs).
-
-    Measured by encoding, not computed from the layout, so it follows the frame format; cached
-    because a run has one or two batch shapes.
-    """
-    return len(encode_frame(np.zeros(shape, dtype=np.float32), "fp32"))
 
 
 def _transport_counters(transport: Transport) -> tuple[int, int]:

@@ -7,7 +7,6 @@ it sends and receives next to what the same tensors would cost at fp32.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,32 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesplit.errors import ProtocolError, TrainingDiverged, TransportError
+from edgesplit.errors import ProtocolError, TrainingDiverged
 from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels, fp32_frame_size
 from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
 from edgesplit.wire.frame import decode_frame, encode_frame
-from edgesplit.wire.messages import Kind, Message
-
-
-def expect(reply: Message, *kinds: str) -> Message:
-    """Return ``reply`` if it is one of ``kinds``; turn an ERROR reply into a typed exception."""
-    if reply.kind == Kind.ERROR:
-        code = reply.meta.get("code", "UNKNOWN")
-        text = reply.meta.get("message", "")
-        if reply.meta.get("diverged"):
-            raise TrainingDiverged(text)
-        error = ProtocolError if code == "INVALID_ARGUMENT" else TransportError
-        raise error(f"server refused step {reply.step}: {code}: {text}")
-    if reply.kind not in kinds:
-        raise ProtocolError(f"expected {' or '.join(kinds)} from the server, got {reply.kind!r}")
-    return reply
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """A short digest of a batch's sample ids: vertical parties prove they hold the same
-    samples in the same order without sending the ids themselves."""
-    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
+from edgesplit.wire.messages import Kind, Message, expect, ids_digest  # noqa: F401
 
 
 @dataclass

@@ -5,19 +5,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from edgesplit.codecs import Codec, parse_codec
-from edgesplit.wire.frame import decode_frame, encode_frame
-
-
-@lru_cache(maxsize=256)
-def fp32_frame_size(shape: tuple[int, ...]) -> int:
-    """Length of the fp32 frame of a tensor of this shape: the baseline every ratio uses."""
-    return len(encode_frame(np.zeros(shape, dtype=np.float32), "fp32"))
+from edgesplit.wire.frame import (  # noqa: F401 - fp32_frame_size re-exported
+    DEFAULT_LIMITS,
+    FrameLimits,
+    decode_frame,
+    encode_frame,
+    fp32_frame_size,
+)
 
 
 @dataclass
@@ -47,10 +46,17 @@ class TensorCodec:
     codec: Codec
     stats: CodecStats = field(default_factory=CodecStats)
     measure_snr: bool = True
+    limits: FrameLimits = DEFAULT_LIMITS  # what a decoded frame may claim and allocate
 
     @classmethod
-    def from_spec(cls, spec: str | Codec, *, measure_snr: bool = True) -> TensorCodec:
-        return cls(parse_codec(spec) if isinstance(spec, str) else spec, measure_snr=measure_snr)
+    def from_spec(
+        cls, spec: str | Codec, *, measure_snr: bool = True, limits: FrameLimits = DEFAULT_LIMITS
+    ) -> TensorCodec:
+        return cls(
+            parse_codec(spec) if isinstance(spec, str) else spec,
+            measure_snr=measure_snr,
+            limits=limits,
+        )
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         array = tensor.detach().cpu().numpy()
@@ -68,7 +74,7 @@ class TensorCodec:
 
     def decode(self, frame: bytes) -> torch.Tensor:
         start = time.perf_counter()
-        array = decode_frame(frame)
+        array = decode_frame(frame, self.limits)
         self.stats.decode_seconds += time.perf_counter() - start
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
@@ -81,8 +87,8 @@ def encode_labels(labels: torch.Tensor | np.ndarray, num_classes: int) -> bytes:
     return encode_frame(array.astype(label_dtype(num_classes)), "fp32")
 
 
-def decode_labels(frame: bytes) -> torch.Tensor:
-    array = decode_frame(frame)
+def decode_labels(frame: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    array = decode_frame(frame, limits)
     if array.dtype.kind not in "iu":
         from edgesplit.errors import FrameError
 

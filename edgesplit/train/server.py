@@ -33,7 +33,7 @@ from edgesplit.errors import (
     TrainingDiverged,
 )
 from edgesplit.train.frames import TensorCodec, decode_labels, fp32_frame_size
-from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
 from edgesplit.wire.messages import Kind, Message, error_message
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 #: Kinds whose effect must happen once per step (their replies are recorded for retries).
 _RECORDED = {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.WEIGHTS}
 _RECORDS_PER_CLIENT = 64
+#: Sessions whose records are kept; the oldest is forgotten beyond this (a client that returns
+#: after that long starts a new session).
+_MAX_SESSIONS = 10_000
+#: Default per-frame limits on a server: 16 Mi elements, 64 MiB decoded.
+SERVER_LIMITS = FrameLimits(max_elements=1 << 24, max_decoded_bytes=1 << 26)
 
 
 @dataclass
@@ -133,6 +138,9 @@ class SplitServer:
         Seconds a vertical party or a FedAvg participant waits for the others.
     on_probe:
         Called with a dict of metrics whenever a probe (reference fp32 batch) is evaluated.
+    limits:
+        What one received frame may claim and inflate to: a 600-byte zstd frame can otherwise
+        decode to half a gigabyte. ``serve --max-tensor-mib`` sets it.
     spec:
         The training settings the WELCOME reply tells clients (model, cuts, seed, epochs, ...),
         so a networked client builds exactly the segment the server expects.
@@ -151,14 +159,16 @@ class SplitServer:
         wait_timeout: float = 120.0,
         on_probe: Callable[[dict[str, Any]], None] | None = None,
         spec: dict[str, Any] | None = None,
+        limits: FrameLimits = SERVER_LIMITS,
     ) -> None:
         self.config = config
         self.segment = segment
         self.optimizer = optimizer or torch.optim.SGD(
             segment.parameters(), lr=lr, momentum=momentum
         )
-        self.act_codec = TensorCodec.from_spec(codec, measure_snr=False)
-        self.grad_codec = TensorCodec.from_spec(grad_codec, measure_snr=False)
+        self.limits = limits
+        self.act_codec = TensorCodec.from_spec(codec, measure_snr=False, limits=limits)
+        self.grad_codec = TensorCodec.from_spec(grad_codec, measure_snr=False, limits=limits)
         self.loss_fn = nn.CrossEntropyLoss()
         self.wait_timeout = wait_timeout
         self.on_probe = on_probe
@@ -180,58 +190,88 @@ class SplitServer:
         #: ``serve`` checkpoints here, so a restart never loses a step a client saw answered.
         self.on_applied: Callable[[], None] | None = None
         self._last_step: dict[tuple[str, str], int] = {}
+        self._in_flight: set[tuple[tuple[str, str], tuple[str, int]]] = set()
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message) -> Message:
         """Answer one request. Never raises for bad input: returns an ERROR reply instead."""
-        stats = self.stats[message.client]
-        stats.bytes_in += message.tensor_bytes()
-        stats.last_seen = time.time()
         try:
             reply = self._handle_once(message)
         except (FrameError, CodecError, ProtocolError, ConfigError) as exc:
-            stats.errors += 1
-            log.warning(
-                "bad %s from %s step %d: %s", message.kind, message.client, message.step, exc
-            )
-            reply = error_message(message, "INVALID_ARGUMENT", str(exc))
+            reply = self._refuse(message, "INVALID_ARGUMENT", exc)
         except TrainingDiverged as exc:
-            stats.errors += 1
-            reply = error_message(message, "FAILED_PRECONDITION", str(exc))
+            reply = self._refuse(message, "FAILED_PRECONDITION", exc)
             reply.meta["diverged"] = True
         except TimeoutError as exc:
-            stats.errors += 1
-            reply = error_message(message, "DEADLINE_EXCEEDED", str(exc))
-        stats.bytes_out += reply.tensor_bytes()
+            reply = self._refuse(message, "DEADLINE_EXCEEDED", exc)
+        except (RuntimeError, ValueError, TypeError, IndexError, RecursionError) as exc:
+            # what torch or int() raise for input that passed the frame checks but does not fit
+            # this model (wrong width, class id out of range, malformed meta): the peer's fault
+            reply = self._refuse(
+                message, "INVALID_ARGUMENT", f"{type(exc).__name__}: {exc}".splitlines()[0]
+            )
+        with self._cond:
+            stats = self.stats[message.client]
+            stats.bytes_in += message.tensor_bytes()
+            stats.bytes_out += reply.tensor_bytes()
+            stats.last_seen = time.time()
         return reply
 
-    def _handle_once(self, message: Message) -> Message:
-        if message.kind not in _RECORDED:
-            return self._dispatch(message)
-        key = (message.kind, message.step)
+    def _refuse(self, message: Message, code: str, exc: Exception | str) -> Message:
         with self._cond:
-            records = self._records[(message.session, message.client)]
-            if key in records:
-                self.stats[message.client].repeats += 1
-                return records[key]
-            last = self._last_step.get((message.session, message.client), -1)
+            self.stats[message.client].errors += 1
+        log.warning(
+            "refused %s from %s step %d: %s", message.kind, message.client, message.step, exc
+        )
+        return error_message(message, code, str(exc))
+
+    def _handle_once(self, message: Message) -> Message:
+        """Apply a mutating request exactly once.
+
+        The whole dispatch runs under the server lock (the segment is trained under it anyway;
+        barrier waits release it), so a reply's record, the step counters and the saved state
+        always agree. A duplicate that arrives while its original is still waiting at a barrier
+        waits for the original's record instead of applying the step again.
+        """
+        if message.kind not in _RECORDED or (
+            self.config == "ushape" and message.kind == Kind.FORWARD
+        ):
+            return self._dispatch(message)  # applies nothing: safe to repeat
+        session_key = (message.session, message.client)
+        key = (message.kind, message.step)
+        flight = (session_key, key)
+        with self._cond:
+            while True:
+                records = self._records[session_key]
+                if key in records:
+                    self.stats[message.client].repeats += 1
+                    return records[key]
+                if flight not in self._in_flight:
+                    break
+                self._cond.wait(self.wait_timeout)
+            last = self._last_step.get(session_key, -1)
             if message.step < last:
                 raise ProtocolError(
                     f"step {message.step} is older than the last applied step {last}; "
                     "steps must increase within a session"
                 )
-        reply = self._dispatch(message)
-        if reply.kind != Kind.ERROR:
-            with self._cond:
-                records[key] = reply
-                if self.on_applied is not None:
-                    self.on_applied()
-                session_key = (message.session, message.client)
-                self._last_step[session_key] = max(
-                    self._last_step.get(session_key, -1), message.step
-                )
-                while len(records) > _RECORDS_PER_CLIENT:
-                    records.popitem(last=False)
+            self._in_flight.add(flight)
+            try:
+                reply = self._dispatch(message)
+                if reply.kind != Kind.ERROR:
+                    records[key] = reply
+                    self._last_step[session_key] = max(last, message.step)
+                    while len(records) > _RECORDS_PER_CLIENT:
+                        records.popitem(last=False)
+                    while len(self._records) > _MAX_SESSIONS:
+                        oldest = next(iter(self._records))
+                        self._records.pop(oldest)
+                        self._last_step.pop(oldest, None)
+                    if self.on_applied is not None:
+                        self.on_applied()
+            finally:
+                self._in_flight.discard(flight)
+                self._cond.notify_all()
         return reply
 
     def _dispatch(self, message: Message) -> Message:
@@ -241,7 +281,7 @@ class SplitServer:
             Kind.PREDICT: self._predict,
             Kind.MIDDLE_GRAD: self._middle_grad,
             Kind.WEIGHTS: self._weights,
-            Kind.BYE: lambda m: Message(Kind.ACK, m.session, m.client, m.step),
+            Kind.BYE: self._bye,
             Kind.STATUS: lambda m: Message(
                 Kind.STATUS, m.session, m.client, m.step, meta=self.status()
             ),
@@ -272,6 +312,17 @@ class SplitServer:
             },
         )
 
+    def set_limits(self, limits: FrameLimits) -> None:
+        """Change what one received frame may claim (``serve --max-tensor-mib``)."""
+        self.limits = self.act_codec.limits = self.grad_codec.limits = limits
+
+    def _bye(self, message: Message) -> Message:
+        """The client is done with this session: forget its records."""
+        with self._cond:
+            self._records.pop((message.session, message.client), None)
+            self._last_step.pop((message.session, message.client), None)
+        return Message(Kind.ACK, message.session, message.client, message.step)
+
     def _forward(self, message: Message) -> Message:
         if self.config == "vertical":
             return self._vertical(message, train=True)
@@ -281,7 +332,8 @@ class SplitServer:
                 raise ProtocolError("ushape clients keep their labels: do not send 'labels'")
             return self._ushape_forward(message, act)
         labels = self._labels(message, len(act))
-        want_grad = bool(message.meta.get("want_grad", True))
+        want_grad = message.meta.get("want_grad", True) is not False
+        ref = self._reference(message, act)  # checked before anything is applied
         with self._cond:
             act.requires_grad_(want_grad)
             self.segment.train()
@@ -296,8 +348,8 @@ class SplitServer:
             self.optimizer.step()
             self.steps_applied += 1
         self._count(message.client, len(act), loss, logits, labels)
-        if "act_ref" in message.tensors:
-            self._probe(message, act.detach(), labels)
+        if ref is not None:
+            self._probe(message, act.detach(), ref, labels)
         return Message(
             Kind.GRADIENT,
             message.session,
@@ -318,9 +370,10 @@ class SplitServer:
         with self._cond, torch.no_grad():
             self.segment.eval()
             out = self.segment(act)
-        if "act_ref" in message.tensors:
+        ref = self._reference(message, act)
+        if ref is not None:
             labels = self._labels(message, len(act)) if "labels" in message.tensors else None
-            self._probe(message, act, labels)
+            self._probe(message, act, ref, labels)
         if self.config == "ushape":
             return Message(
                 Kind.MIDDLE,
@@ -336,7 +389,7 @@ class SplitServer:
         pred = logits.argmax(1).numpy().astype(label_dtype(logits.shape[1]))
         meta: dict[str, Any] = {"n": len(pred)}
         if "labels" in message.tensors:
-            labels = decode_labels(message.tensors["labels"])
+            labels = decode_labels(message.tensors["labels"], self.limits)
             meta["correct"] = int((torch.from_numpy(pred) == labels).sum())
             meta["loss"] = float(self.loss_fn(logits, labels))
         return Message(
@@ -408,7 +461,11 @@ class SplitServer:
                 f"got party={party} parties={parties}"
             )
         act = self._decode_act(message)
-        labels = decode_labels(message.tensors["labels"]) if "labels" in message.tensors else None
+        labels = (
+            decode_labels(message.tensors["labels"], self.limits)
+            if "labels" in message.tensors
+            else None
+        )
         key = (f"{message.kind}:{message.meta.get('group', '')}", message.step)
 
         def compute(parts: dict[int, Any]) -> dict[int, Message]:
@@ -460,7 +517,7 @@ class SplitServer:
             return {k: self._prediction(Message(Kind.PREDICT), logits) for k in order}
 
         ids = message.meta.get("ids")
-        want_grad = bool(message.meta.get("want_grad", True))
+        want_grad = message.meta.get("want_grad", True) is not False
         reply = self._barrier(key, parties, party, (act, labels, ids, want_grad), compute)
         return Message(
             reply.kind,
@@ -493,7 +550,9 @@ class SplitServer:
             clients = int(message.meta.get("clients", 0))
             rnd = int(message.meta.get("round", -1))
             weight = float(message.meta.get("n_samples", 1))
-            arrays = {name: decode_frame(frame) for name, frame in message.tensors.items()}
+            arrays = {
+                name: decode_frame(frame, self.limits) for name, frame in message.tensors.items()
+            }
 
             def average(parts: dict[int, Any]) -> dict[int, Message]:
                 total = sum(w for w, _ in parts.values())
@@ -530,8 +589,10 @@ class SplitServer:
             return self.grad_codec.encode(grad)
         except CodecError as exc:
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"training diverged at step {step}: {exc}; lower --lr, or "
-                                   "use a finer codec for this cut") from None
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {exc}; lower --lr, or "
+                "use a finer codec for this cut"
+            ) from None
 
     def _check_finite(
         self, step: int, loss: torch.Tensor | None, *grads: torch.Tensor | None
@@ -567,8 +628,12 @@ class SplitServer:
             if len(barrier.parts) == expected and barrier.replies is None:
                 try:
                     barrier.replies = compute(barrier.parts)
-                except (FrameError, CodecError, ProtocolError, TrainingDiverged) as exc:
-                    barrier.error = exc
+                except Exception as exc:  # every participant must hear it, not only the last
+                    barrier.error = (
+                        exc
+                        if isinstance(exc, EdgesplitError)
+                        else ProtocolError(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                    )
                     barrier.replies = {}
                 self._cond.notify_all()
             deadline = time.monotonic() + self.wait_timeout
@@ -583,7 +648,12 @@ class SplitServer:
                 self._cond.wait(left)
             if barrier.error is not None:
                 raise type(barrier.error)(str(barrier.error))
-            reply = barrier.replies.pop(index)
+            reply = barrier.replies.pop(index, None)
+            if reply is None:
+                raise ProtocolError(
+                    f"participant {index} already collected its reply for this "
+                    "step; a resent request is answered from the record"
+                )
             if not barrier.replies:
                 self._barriers.pop(key, None)
             return reply
@@ -597,7 +667,7 @@ class SplitServer:
         return act
 
     def _labels(self, message: Message, batch: int) -> torch.Tensor:
-        labels = decode_labels(message.frame("labels"))
+        labels = decode_labels(message.frame("labels"), self.limits)
         if labels.shape != (batch,):
             raise ProtocolError(
                 f"labels shape {tuple(labels.shape)} does not match the batch "
@@ -615,12 +685,20 @@ class SplitServer:
         stats.loss_sum += float(loss.detach()) * n
         stats.correct += int((logits.argmax(1) == labels).sum())
 
-    def _probe(self, message: Message, act: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """Compare the decoded batch with the same batch sent at fp32: what compression costs,
-        for this client over the interval since its previous probe."""
+    def _reference(self, message: Message, act: torch.Tensor) -> torch.Tensor | None:
+        """The probe's fp32 copy of ``act``, decoded and checked; None when not a probe."""
+        if "act_ref" not in message.tensors:
+            return None
         ref = self.act_codec.decode(message.tensors["act_ref"])
         if ref.shape != act.shape:
             raise ProtocolError(f"act_ref shape {tuple(ref.shape)} != act {tuple(act.shape)}")
+        return ref
+
+    def _probe(
+        self, message: Message, act: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None
+    ) -> None:
+        """Compare the decoded batch with the same batch sent at fp32: what compression costs,
+        for this client over the interval since its previous probe."""
         with self._cond, torch.no_grad():
             was_training = self.segment.training
             self.segment.eval()

@@ -19,8 +19,7 @@ from edgesplit.train.engine import build_split
 from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import TrainSpec, jsonable
 
-STATE_TENSORS = "server-state.pt"
-STATE_META = "server-state.json"
+STATE_FILE = "server-state.pt"
 
 
 def server_from_checkpoint(path: str | Path) -> tuple[SplitServer, dict[str, Any]]:
@@ -53,8 +52,13 @@ def _server(spec: TrainSpec, segment: torch.nn.Module, shapes: dict[str, Any]) -
 
 
 class StateStore:
-    """Saves the server's state after applied steps (atomically: write, then rename) and loads
-    it on start, so a restarted server neither loses nor repeats a step."""
+    """Saves the server's state after applied steps and loads it on start, so a restarted
+    server neither loses nor repeats a step.
+
+    One file, written whole and then renamed over the old one: a crash leaves either the old
+    state or the new one, never half of each. The save runs under the server lock right after
+    a step's reply is recorded, before the reply leaves.
+    """
 
     def __init__(self, directory: str | Path, server: SplitServer, every: int = 1) -> None:
         self.dir = Path(directory)
@@ -62,20 +66,25 @@ class StateStore:
         self.every = max(1, every)
         self._since = 0
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / STATE_FILE
 
     def load(self) -> bool:
         """Restore a saved state if there is one; True when something was restored."""
-        tensors_path, meta_path = self.dir / STATE_TENSORS, self.dir / STATE_META
-        if not meta_path.exists():
+        if not self.path.exists():
             return False
         try:
-            meta = json.loads(meta_path.read_text())
-            tensors = torch.load(tensors_path, map_location="cpu", weights_only=True)
-        except (OSError, ValueError, RuntimeError) as exc:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            meta = json.loads(saved["meta"])
+            if meta.get("spec") != jsonable(self.server.spec):
+                raise ValueError(
+                    "it was saved by a server with other settings (model, cut, codec or data)"
+                )
+            self.server.import_state(saved["tensors"], meta)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ConfigError(
-                f"cannot restore server state from {self.dir}: {exc}; move it away to start fresh"
+                f"cannot restore server state from {self.path}: {exc}; pass "
+                "another --state DIR (or move this one away) to start fresh"
             ) from None
-        self.server.import_state(tensors, meta)
         return True
 
     def on_applied(self) -> None:
@@ -85,11 +94,13 @@ class StateStore:
 
     def save(self) -> None:
         tensors, meta = self.server.export_state()
-        tmp_t, tmp_m = self.dir / (STATE_TENSORS + ".tmp"), self.dir / (STATE_META + ".tmp")
-        torch.save(tensors, tmp_t)
-        tmp_m.write_text(json.dumps(meta))
-        os.replace(tmp_t, self.dir / STATE_TENSORS)  # tensors first: meta names a saved state
-        os.replace(tmp_m, self.dir / STATE_META)
+        meta["spec"] = jsonable(self.server.spec)
+        tmp = self.path.with_name(STATE_FILE + ".tmp")
+        with tmp.open("wb") as f:
+            torch.save({"tensors": tensors, "meta": json.dumps(meta)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
         self._since = 0
 
 

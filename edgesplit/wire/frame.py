@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -329,3 +330,9 @@ def decode_frame(data: Buffer, limits: FrameLimits = DEFAULT_LIMITS) -> np.ndarr
     if codec is None:
         return Codec.decode([], payload, header.shape, header.dtype)
     return codec.decode_payload(payload, header.shape, max_inner_bytes=limits.max_decoded_bytes)
+
+
+@lru_cache(maxsize=256)
+def fp32_frame_size(shape: tuple[int, ...]) -> int:
+    """Length of the fp32 frame of a float tensor of ``shape``: the baseline every ratio uses."""
+    return len(encode_frame(np.zeros(shape, dtype=np.float32), "fp32"))

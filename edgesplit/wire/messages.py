@@ -8,11 +8,14 @@ small settings travel in ``meta`` (JSON-serialisable values only — never pickl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgesplit.errors import ProtocolError
+import numpy as np
+
+from edgesplit.errors import ProtocolError, TrainingDiverged, TransportError
 
 
 class Kind:
@@ -25,7 +28,7 @@ class Kind:
     FORWARD = "forward"  # tensors {act, [labels], [act_ref]} meta {train, want_grad}
     GRADIENT = "gradient"  # tensors {[grad]} meta {loss, correct, n}
     PREDICT = "predict"  # tensors {act} -> PREDICTION
-    PREDICTION = "prediction"  # tensors {pred} (int64 class ids)
+    PREDICTION = "prediction"  # tensors {pred} (class ids, smallest unsigned type)
     # ushape: the server holds the middle, the client holds the head and labels
     MIDDLE = "middle"  # server -> client: tensors {mid}
     MIDDLE_GRAD = "middle_grad"  # client -> server: tensors {grad} -> GRADIENT (cut gradient)
@@ -89,6 +92,8 @@ class Message:
             return {}
         try:
             value = json.loads(text)
+        except RecursionError:
+            raise ProtocolError("message meta is nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise ProtocolError(f"message meta is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
@@ -105,3 +110,33 @@ def error_message(request: Message, code: str, text: str) -> Message:
         request.step,
         meta={"code": code, "message": text},
     )
+
+
+def expect(reply: Message, *kinds: str) -> Message:
+    """Return ``reply`` if it is one of ``kinds``; turn an ERROR reply into a typed exception.
+
+    Raises
+    ------
+    TrainingDiverged
+        The server refused to apply a step whose loss or gradients were not finite.
+    ProtocolError
+        An ``INVALID_ARGUMENT`` error reply, or a reply of another kind.
+    TransportError
+        Any other error reply (``DEADLINE_EXCEEDED``, ...).
+    """
+    if reply.kind == Kind.ERROR:
+        code = reply.meta.get("code", "UNKNOWN")
+        text = reply.meta.get("message", "")
+        if reply.meta.get("diverged"):
+            raise TrainingDiverged(text)
+        error = ProtocolError if code == "INVALID_ARGUMENT" else TransportError
+        raise error(f"server refused step {reply.step}: {code}: {text}")
+    if reply.kind not in kinds:
+        raise ProtocolError(f"expected {' or '.join(kinds)} from the server, got {reply.kind!r}")
+    return reply
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """A short digest of a batch's sample ids: vertical parties prove they hold the same samples
+    in the same order without sending the ids (SHA-256 of little-endian int64, 16 hex digits)."""
+    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]

@@ -58,7 +58,7 @@ def test_missing_and_wrong_files(tmp_path):
         load_dataset(str(bad))
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="not an .npz archive"):
         load_npz(junk)
 
 

@@ -88,3 +88,102 @@ def test_wrong_label_count_is_refused():
     msg.tensors["labels"] = encode_frame(np.array([0, 1], dtype=np.uint8), "fp32")
     reply = server.handle(msg)
     assert reply.kind == Kind.ERROR and "labels shape" in reply.meta["message"]
+
+
+def test_concurrent_duplicates_apply_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, _, msg = _server_and_forward()
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(server.handle, [msg] * 4))
+    assert server.steps_applied == 1
+    assert all(r.kind == Kind.GRADIENT and r.tensors == replies[0].tensors for r in replies)
+
+
+def test_bad_probe_copy_applies_nothing():
+    server, _, msg = _server_and_forward()
+    msg.tensors["act_ref"] = encode_frame(np.zeros((3, 8), dtype=np.float32), "fp32")
+    reply = server.handle(msg)
+    assert reply.kind == Kind.ERROR and "act_ref shape" in reply.meta["message"]
+    assert server.steps_applied == 0
+
+
+def test_input_that_does_not_fit_the_model_is_invalid_argument():
+    server, _, msg = _server_and_forward()
+    wide = Message(
+        **{
+            **msg.__dict__,
+            "tensors": {
+                **msg.tensors,
+                "act": encode_frame(np.zeros((4, 9), dtype=np.float32), "fp32"),
+            },
+        }
+    )
+    reply = server.handle(wide)
+    assert reply.kind == Kind.ERROR and reply.meta["code"] == "INVALID_ARGUMENT"
+    bad_class = Message(
+        **{
+            **msg.__dict__,
+            "step": 6,
+            "tensors": {
+                **msg.tensors,
+                "labels": encode_frame(np.array([0, 1, 2, 99], dtype=np.uint8), "fp32"),
+            },
+        }
+    )
+    reply = server.handle(bad_class)
+    assert reply.kind == Kind.ERROR and reply.meta["code"] == "INVALID_ARGUMENT"
+    assert server.steps_applied == 0 and server.handle(msg).kind == Kind.GRADIENT
+
+
+def test_decompression_bomb_is_refused_before_allocating():
+    server, _, msg = _server_and_forward()
+    bomb = encode_frame(np.zeros((1 << 14, 1 << 12), dtype=np.float32), "q1+zstd")  # 64 Mi el.
+    assert len(bomb) < 20_000
+    reply = server.handle(Message(**{**msg.__dict__, "tensors": {**msg.tensors, "act": bomb}}))
+    assert reply.kind == Kind.ERROR and reply.meta["code"] == "INVALID_ARGUMENT"
+
+
+def test_vertical_failure_reaches_every_party_at_once():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    upper = torch.nn.Sequential(torch.nn.Linear(16, 3))
+    server = SplitServer("vertical", upper, wait_timeout=30)
+
+    def party(k: int, width: int) -> Message:
+        tensors = {"act": encode_frame(np.ones((4, width), dtype=np.float32), "fp32")}
+        if k == 0:
+            tensors["labels"] = encode_frame(np.array([0, 1, 2, 0], dtype=np.uint8), "fp32")
+        return server.handle(
+            Message(
+                Kind.FORWARD, f"s{k}", f"p{k}", 1, tensors, {"party": k, "parties": 2, "group": "g"}
+            )
+        )
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:  # widths 8 + 9 do not fit the 16-wide server layer
+        replies = list(pool.map(party, [0, 1], [8, 9]))
+    assert time.monotonic() - start < 10
+    assert all(r.kind == Kind.ERROR and r.meta["code"] == "INVALID_ARGUMENT" for r in replies)
+
+
+def test_state_from_another_server_is_refused(tmp_path):
+    import pytest
+
+    from edgesplit.errors import ConfigError
+    from edgesplit.train.serving import StateStore
+
+    server, _, msg = _server_and_forward()
+    server.spec = {"codec": "q8"}
+    store = StateStore(tmp_path, server)
+    server.handle(msg)
+    store.save()
+    other, _, _ = _server_and_forward()
+    other.spec = {"codec": "q4"}
+    with pytest.raises(ConfigError, match="other settings"):
+        StateStore(tmp_path, other).load()
+    same, _, _ = _server_and_forward()
+    same.spec = {"codec": "q8"}
+    assert StateStore(tmp_path, same).load() and same.steps_applied == 1
+    assert same.handle(msg).tensors == server.handle(msg).tensors  # answered from the record
