@@ -544,6 +544,14 @@ class SplitServer:
                         f"turn {turn} did not come within {self.wait_timeout:.0f}s "
                         f"({self.handoffs} hand-offs so far)"
                     )
+                if self.handoffs > turn:
+                    # turn t is served right after the t-th hand-off; more means these turns
+                    # belong to a run this server has already finished
+                    raise ProtocolError(
+                        f"turn {turn} was already taken ({self.handoffs} hand-offs done): this "
+                        "server finished an earlier run; start a fresh `edgesplit serve` (or a "
+                        "fresh --state) for a new networked training run"
+                    )
                 tensors = dict(self._handoff or {})
             return Message(Kind.WEIGHTS, message.session, message.client, message.step, tensors)
         if mode == "average":  # splitfed: FedAvg over every client of the round

@@ -187,3 +187,16 @@ def test_state_from_another_server_is_refused(tmp_path):
     same.spec = {"codec": "q8"}
     assert StateStore(tmp_path, same).load() and same.steps_applied == 1
     assert same.handle(msg).tensors == server.handle(msg).tensors  # answered from the record
+
+
+def test_a_second_run_on_a_finished_server_is_refused_not_mixed_in():
+    server, _, _ = _server_and_forward()
+    weights = {"w": encode_frame(np.zeros(3, dtype=np.float32), "fp32")}
+    for turn in range(3):  # run 1: three hand-offs
+        if turn:
+            get = Message(Kind.WEIGHTS, "a", "c", 2 * turn, {}, {"mode": "get", "turn": turn})
+            assert server.handle(get).kind == Kind.WEIGHTS
+        put = Message(Kind.WEIGHTS, "a", "c", 2 * turn + 1, weights, {"mode": "put"})
+        assert server.handle(put).kind == Kind.ACK
+    stale = server.handle(Message(Kind.WEIGHTS, "b", "c2", 1, {}, {"mode": "get", "turn": 1}))
+    assert stale.kind == Kind.ERROR and "earlier run" in stale.meta["message"]
