@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from edgesplit.errors import ConfigError
 from edgesplit.train.engine import SplitParts, TrainedSplit, build_split
@@ -120,7 +119,3 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises several types for a corrupt or hostile file
         raise ConfigError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
 
-
-def segment_module(parts: SplitParts, index: int = 0) -> nn.Module:
-    """The client segment ``index`` (the one to export for a device)."""
-    return parts.lowers[index]

@@ -207,6 +207,7 @@ class _Run:
             spec, self.input_shape, data.num_classes, example=torch.from_numpy(data.x_train[:2])
         )
         self.cuts, self.blocks, self.head = parts.cuts, parts.blocks, parts.head
+        self.party_shapes = parts.party_shapes
         server_seg = parts.server
         lowers, heads = parts.lowers, [parts.head] * len(parts.lowers)
         if spec.config in ("vanilla", "ushape", "splitfed"):
@@ -321,32 +322,17 @@ class _Run:
     def result(self, history: list[dict[str, float]], accuracy: float) -> TrainResult:
         spec = self.spec
         per_client = [c.bytes for c in self.clients]
-        lower_shape = (
-            self.input_shape
-            if spec.config != "vertical"
-            else (*self.input_shape[:-1], self.blocks[0][1] - self.blocks[0][0])
-        )
-        lower_prof = profile_segment(self.clients[0].lower, lower_shape)
-        client_params = sum(sum(p.numel() for p in c.lower.parameters()) for c in self.clients) // (
-            1 if spec.config == "vertical" else len(self.clients)
-        )
-        client_flops = lower_prof.flops
-        if spec.config == "vertical":
-            client_flops = sum(
-                profile_segment(c.lower, (*self.input_shape[:-1], hi - lo)).flops
-                for c, (lo, hi) in zip(self.clients, self.blocks, strict=True)
-            )
+        # one profile per distinct client segment: each vertical party, or the shared shape
+        shapes = self.party_shapes if spec.config == "vertical" else [self.input_shape]
+        profiles = [
+            profile_segment(c.lower, shape) for c, shape in zip(self.clients, shapes, strict=False)
+        ]
+        client_params = sum(p.params for p in profiles)
+        client_flops = sum(p.flops for p in profiles)
         server_in = (
-            [
-                sum(
-                    math.prod(
-                        profile_segment(c.lower, (*self.input_shape[:-1], hi - lo)).output_shape
-                    )
-                    for c, (lo, hi) in zip(self.clients, self.blocks, strict=True)
-                )
-            ]
+            [sum(math.prod(p.output_shape) for p in profiles)]
             if spec.config == "vertical"
-            else lower_prof.output_shape
+            else profiles[0].output_shape
         )
         server_prof = profile_segment(self.server.segment, tuple(server_in))
         if self.head is not None:
@@ -373,7 +359,7 @@ class _Run:
             bytes_down_fp32=total("bytes_down_fp32"),
             weights_up=total("weights_up"),
             weights_down=total("weights_down"),
-            cut_shape=lower_prof.output_shape,
+            cut_shape=profiles[0].output_shape,
             train_samples=len(self.data.y_train),
             epochs=spec.epochs,
             snr_db=snr,

@@ -14,7 +14,7 @@ import torch
 
 from edgesplit.data import load_dataset
 from edgesplit.errors import ConfigError
-from edgesplit.train.checkpoint import META_FILE, load_checkpoint
+from edgesplit.train.checkpoint import load_checkpoint
 from edgesplit.train.engine import build_split
 from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import TrainSpec, jsonable
@@ -117,6 +117,3 @@ class MetricsLog:
         with self._lock, self.path.open("a") as f:
             f.write(line + "\n")
 
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file()
