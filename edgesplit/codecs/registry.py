@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -198,6 +199,12 @@ def _is_raw(dtype: np.dtype) -> bool:
     return dtype.kind in "iub"
 
 
+@lru_cache(maxsize=256)
+def _codec_for_table(cls: type, table: tuple[tuple[int, bytes], ...]) -> Codec:
+    # failures raise and are not cached; a peer cycling through tables only evicts entries
+    return cls._build_from_table(table)
+
+
 @dataclass(frozen=True)
 class Codec:
     """A validated chain of stages: the bitstream path (:meth:`encode` / :meth:`decode`) and the
@@ -262,9 +269,14 @@ class Codec:
     def from_stage_table(cls, table: Sequence[tuple[int, bytes]]) -> Codec:
         """Rebuild the chain a frame describes, validating every id, param and the order.
 
-        Unlike a spec, a frame must name its value stage explicitly.
+        Unlike a spec, a frame must name its value stage explicitly. Chains are cached by their
+        table: a stream of frames from one codec is validated once, not once per frame.
         """
-        stages = [stage_by_id(sid).from_params(bytes(params)) for sid, params in table]
+        return _codec_for_table(cls, tuple((int(sid), bytes(params)) for sid, params in table))
+
+    @classmethod
+    def _build_from_table(cls, table: tuple[tuple[int, bytes], ...]) -> Codec:
+        stages = [stage_by_id(sid).from_params(params) for sid, params in table]
         _check_chain(stages, "+".join(s.spec() for s in stages))
         if not any(isinstance(s, ValueStage) for s in stages):
             raise CodecError(
