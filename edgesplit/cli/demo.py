@@ -126,7 +126,6 @@ def _codec_table(args: argparse.Namespace, codecs: list[str]) -> list[dict[str, 
 
 def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     import json
-    import secrets
     import subprocess
     import sys
 
@@ -140,6 +139,7 @@ def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     from edgesplit.train.checkpoint import load_checkpoint, save_checkpoint
     from edgesplit.train.engine import run_training
     from edgesplit.train.spec import TrainSpec
+    from edgesplit.transport.tokens import generate_token
 
     console = Console(stderr=args.json)
     out = Path(args.out)
@@ -168,7 +168,7 @@ def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     data = load_dataset("digits")
     device_data = out / "device-digits.npz"
     np.savez(device_data, x=data.x_train, y=data.y_train, x_test=data.x_test, y_test=data.y_test)
-    token = secrets.token_urlsafe(24)
+    token = generate_token()
     tokens = out / "tokens.txt"
     tokens.write_text(f"edge-device {token}\n")
     tokens.chmod(0o600)

@@ -36,8 +36,12 @@ MIN_STRONG_TOKEN_CHARS = 16
 
 
 def generate_token(nbytes: int = 32) -> str:
-    """A new random URL-safe token (``nbytes`` of entropy) for a token file."""
-    return secrets.token_urlsafe(nbytes)
+    """A new random token (``nbytes`` of entropy) for a token file.
+
+    Hex, not URL-safe base64: a base64 token can start with ``-``, which a command line then
+    reads as an option (``--token -x…`` fails to parse).
+    """
+    return secrets.token_hex(nbytes)
 
 
 def check_token(token: str, *, where: str = "token") -> str:
