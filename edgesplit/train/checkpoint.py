@@ -118,4 +118,3 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or hostile file
         raise ConfigError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
-

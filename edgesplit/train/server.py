@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -27,14 +26,21 @@ from edgesplit.data import label_dtype
 from edgesplit.errors import (
     CodecError,
     ConfigError,
-    EdgesplitError,
     FrameError,
     ProtocolError,
     TrainingDiverged,
 )
+from edgesplit.train.barrier import Barriers
 from edgesplit.train.frames import TensorCodec, decode_labels, fp32_frame_size
+from edgesplit.train.probe import compare
 from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
-from edgesplit.wire.messages import Kind, Message, error_message
+from edgesplit.wire.messages import (
+    Kind,
+    Message,
+    error_message,
+    message_from_dict,
+    message_to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,46 +83,6 @@ class ClientStats:
             "errors": self.errors,
             "last_seen": self.last_seen,
         }
-
-
-def _message_json(request_kind: str, request_step: int, reply: Message) -> dict[str, Any]:
-    return {
-        "request_kind": request_kind,
-        "request_step": request_step,
-        "kind": reply.kind,
-        "session": reply.session,
-        "client": reply.client,
-        "step": reply.step,
-        "meta": reply.meta,
-        "tensors": {n: base64.b64encode(f).decode() for n, f in reply.tensors.items()},
-    }
-
-
-def _message_from_json(item: dict[str, Any]) -> Message:
-    return Message(
-        item["kind"],
-        item["session"],
-        item["client"],
-        int(item["step"]),
-        {n: base64.b64decode(f) for n, f in item["tensors"].items()},
-        item["meta"],
-    )
-
-
-def _snr_db(reference: torch.Tensor, decoded: torch.Tensor) -> float:
-    noise = float(((decoded - reference) ** 2).sum())
-    signal = float((reference**2).sum())
-    return 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf
-
-
-@dataclass
-class _Barrier:
-    """Collects one contribution per party for a step, then holds the per-party replies."""
-
-    expected: int
-    parts: dict[int, Any] = field(default_factory=dict)
-    replies: dict[int, Message] | None = None
-    error: EdgesplitError | None = None  # raised for every participant
 
 
 class SplitServer:
@@ -181,7 +147,7 @@ class SplitServer:
             OrderedDict
         )
         self._ushape_graphs: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._barriers: dict[tuple[str, int], _Barrier] = {}
+        self._barriers = Barriers(self._cond, lambda: self.wait_timeout)
         self._handoff: dict[str, bytes] | None = None
         self.handoffs = 0
         self.spec = spec or {}
@@ -518,7 +484,7 @@ class SplitServer:
 
         ids = message.meta.get("ids")
         want_grad = message.meta.get("want_grad", True) is not False
-        reply = self._barrier(key, parties, party, (act, labels, ids, want_grad), compute)
+        reply = self._barriers.meet(key, parties, party, (act, labels, ids, want_grad), compute)
         return Message(
             reply.kind,
             message.session,
@@ -576,7 +542,7 @@ class SplitServer:
                 return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
 
             index = int(message.meta.get("index", -1))
-            reply = self._barrier(
+            reply = self._barriers.meet(
                 (f"avg:{message.meta.get('group', '')}", rnd),
                 clients,
                 index,
@@ -617,54 +583,6 @@ class SplitServer:
                 f"training diverged at step {step} (loss {value}, non-finite gradients); "
                 "lower --lr, or use a finer codec for this cut"
             )
-
-    def _barrier(
-        self,
-        key: tuple[str, int],
-        expected: int,
-        index: int,
-        part: Any,
-        compute: Callable[[dict[int, Any]], dict[int, Message]],
-    ) -> Message:
-        """Wait until ``expected`` participants have sent their part for ``key``; the last one
-        computes every reply. Each participant leaves with its own reply."""
-        if not 0 <= index < expected:
-            raise ProtocolError(f"participant index {index} outside 0..{expected - 1}")
-        with self._cond:
-            barrier = self._barriers.setdefault(key, _Barrier(expected))
-            barrier.parts[index] = part
-            if len(barrier.parts) == expected and barrier.replies is None:
-                try:
-                    barrier.replies = compute(barrier.parts)
-                except Exception as exc:  # every participant must hear it, not only the last
-                    barrier.error = (
-                        exc
-                        if isinstance(exc, EdgesplitError)
-                        else ProtocolError(f"{type(exc).__name__}: {exc}".splitlines()[0])
-                    )
-                    barrier.replies = {}
-                self._cond.notify_all()
-            deadline = time.monotonic() + self.wait_timeout
-            while barrier.replies is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._barriers.pop(key, None)
-                    raise TimeoutError(
-                        f"waited {self.wait_timeout:.0f}s for "
-                        f"{expected - len(barrier.parts)} more participant(s)"
-                    )
-                self._cond.wait(left)
-            if barrier.error is not None:
-                raise type(barrier.error)(str(barrier.error))
-            reply = barrier.replies.pop(index, None)
-            if reply is None:
-                raise ProtocolError(
-                    f"participant {index} already collected its reply for this "
-                    "step; a resent request is answered from the record"
-                )
-            if not barrier.replies:
-                self._barriers.pop(key, None)
-            return reply
 
     def _decode_act(self, message: Message) -> torch.Tensor:
         act = self.act_codec.decode(message.frame("act"))
@@ -707,35 +625,21 @@ class SplitServer:
     ) -> None:
         """Compare the decoded batch with the same batch sent at fp32: what compression costs,
         for this client over the interval since its previous probe."""
-        with self._cond, torch.no_grad():
-            was_training = self.segment.training
-            self.segment.eval()
-            out_dec, out_ref = self.segment(act), self.segment(ref)
-            self.segment.train(was_training)
-        stats = self.stats[message.client]
-        record: dict[str, Any] = {
-            "time": time.time(),
-            "client": message.client,
-            "step": message.step,
-            "n": len(act),
-            "snr_db": _snr_db(ref, act),
-            "output_snr_db": _snr_db(out_ref, out_dec),
-            "bytes_act": len(message.tensors["act"]),
-            "bytes_act_fp32": fp32_frame_size(tuple(act.shape)),
-            "interval_steps": stats.steps - stats.probe_steps,
-            "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
-        }
-        stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
-        if self.config != "ushape":  # the server's output is logits: compare the decisions
-            pred_dec, pred_ref = out_dec.argmax(1), out_ref.argmax(1)
-            record["agreement"] = float((pred_dec == pred_ref).float().mean())
-            if labels is not None:
-                record.update(
-                    accuracy_decoded=float((pred_dec == labels).float().mean()),
-                    accuracy_reference=float((pred_ref == labels).float().mean()),
-                    loss_decoded=float(self.loss_fn(out_dec, labels)),
-                    loss_reference=float(self.loss_fn(out_ref, labels)),
-                )
+        with self._cond:
+            costs = compare(self.segment, act, ref, labels, logits=self.config != "ushape")
+            stats = self.stats[message.client]
+            record: dict[str, Any] = {
+                "time": time.time(),
+                "client": message.client,
+                "step": message.step,
+                "n": len(act),
+                **costs,
+                "bytes_act": len(message.tensors["act"]),
+                "bytes_act_fp32": fp32_frame_size(tuple(act.shape)),
+                "interval_steps": stats.steps - stats.probe_steps,
+                "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
+            }
+            stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
         self.probes.append(record)
         self.latest_probe[message.client] = record
         if self.on_probe:
@@ -752,7 +656,7 @@ class SplitServer:
             last = {f"{s}\t{c}": step for (s, c), step in self._last_step.items()}
             records = {
                 f"{s}\t{c}": [
-                    _message_json(kind, step, reply)
+                    {"request_kind": kind, "request_step": step, **message_to_dict(reply)}
                     for (kind, step), reply in list(recs.items())[-2:]
                 ]
                 for (s, c), recs in self._records.items()
@@ -786,9 +690,8 @@ class SplitServer:
                 session, client = key.split("\t", 1)
                 recs = self._records[(session, client)]
                 for item in items:
-                    recs[(item["request_kind"], int(item["request_step"]))] = _message_from_json(
-                        item
-                    )
+                    key_ = (item["request_kind"], int(item["request_step"]))
+                    recs[key_] = message_from_dict(item)
             self._handoff = {n: base64.b64decode(f) for n, f in meta["handoff"].items()} or None
             for name, st in meta["stats"].items():
                 self.stats[name] = ClientStats(**st)

@@ -116,4 +116,3 @@ class MetricsLog:
         line = json.dumps(jsonable(record), separators=(",", ":"))
         with self._lock, self.path.open("a") as f:
             f.write(line + "\n")
-

@@ -8,6 +8,7 @@ small settings travel in ``meta`` (JSON-serialisable values only — never pickl
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -140,3 +141,27 @@ def ids_digest(ids: np.ndarray) -> str:
     """A short digest of a batch's sample ids: vertical parties prove they hold the same samples
     in the same order without sending the ids (SHA-256 of little-endian int64, 16 hex digits)."""
     return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """A JSON-able dict of ``message`` (frames base64): how a server persists its records."""
+    return {
+        "kind": message.kind,
+        "session": message.session,
+        "client": message.client,
+        "step": message.step,
+        "meta": message.meta,
+        "tensors": {n: base64.b64encode(f).decode() for n, f in message.tensors.items()},
+    }
+
+
+def message_from_dict(item: dict[str, Any]) -> Message:
+    """The inverse of :func:`message_to_dict`."""
+    return Message(
+        item["kind"],
+        item["session"],
+        item["client"],
+        int(item["step"]),
+        {n: base64.b64decode(f) for n, f in item["tensors"].items()},
+        item["meta"],
+    )
