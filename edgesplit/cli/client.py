@@ -100,6 +100,15 @@ def tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def open_transport(args: argparse.Namespace) -> Any:
+    """A :class:`~edgesplit.transport.grpc_client.GrpcTransport` from the connection options."""
+    from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy
+
+    return GrpcTransport(args.server, args.token, max_message_bytes=args.max_message_bytes,
+                         retry=RetryPolicy(attempts=args.retries), timeout=args.timeout,
+                         **tls_kwargs(args))
+
+
 def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     p = sub.add_parser(
         "client",
@@ -180,7 +189,6 @@ def run_edge(args: argparse.Namespace) -> int:
     from edgesplit.edge.bundle import load_bundle
     from edgesplit.edge.runtime import EdgeClient, iid_shard_indices
     from edgesplit.errors import ConfigError
-    from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy
 
     if args.bundle is None:
         raise ConfigError("--bundle DIR is required (the directory `edgesplit export` wrote); "
@@ -192,15 +200,7 @@ def run_edge(args: argparse.Namespace) -> int:
         x, y = x[keep], (y[keep] if y is not None else None)
     if args.limit is not None:
         x, y = x[: args.limit], (y[: args.limit] if y is not None else None)
-    transport = GrpcTransport(
-        args.server,
-        args.token,
-        max_message_bytes=args.max_message_bytes,
-        retry=RetryPolicy(attempts=args.retries),
-        timeout=args.timeout,
-        **tls_kwargs(args),
-    )
-    with transport:
+    with open_transport(args) as transport:
         client = EdgeClient(bundle, transport, codec=args.codec, mode=args.mode,
                             probe_every=args.probe_every, batch_size=args.batch_size,
                             session=args.session)

@@ -10,21 +10,13 @@ def run_trainable_client(args: argparse.Namespace) -> int:
     """``edgesplit client --trainable``: train over gRPC, print a table or one JSON object."""
     import torch
 
-    from edgesplit.cli.client import tls_kwargs
+    from edgesplit.cli.client import open_transport
     from edgesplit.cli.common import print_json
     from edgesplit.cli.progress import epoch_progress
     from edgesplit.train.remote import train_remote
-    from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy
 
     torch.set_num_threads(1)
-    transport = GrpcTransport(
-        args.server,
-        args.token,
-        max_message_bytes=args.max_message_bytes,
-        retry=RetryPolicy(attempts=args.retries),
-        timeout=args.timeout,
-        **tls_kwargs(args),
-    )
+    transport = open_transport(args)
     with (
         transport,
         epoch_progress(f"client-{args.index}", args.epochs or 0, quiet=args.json) as progress,

@@ -44,6 +44,7 @@ from edgesplit.codecs import Codec, parse_codec
 from edgesplit.data import iid_shard_indices  # noqa: F401 - re-exported for the CLI
 from edgesplit.edge.bundle import Bundle
 from edgesplit.errors import ConfigError, ProtocolError
+from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
 from edgesplit.wire.messages import Kind, Message, expect, ids_digest  # noqa: F401
@@ -137,17 +138,7 @@ class EdgeReport:
         """Everything but ``pred``, as JSON-able values (NaN and inf become ``None``)."""
         out = asdict(self)
         out.pop("pred")
-        return _finite(out)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+        return jsonable(out)
 
 
 @dataclass

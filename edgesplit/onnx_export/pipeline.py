@@ -43,6 +43,7 @@ from edgesplit.edge.bundle import (
     validate_manifest,
 )
 from edgesplit.errors import ExportError
+from edgesplit.jsonable import jsonable
 from edgesplit.onnx_export.fit import (
     DeviceFit,
     check_opset_fits,
@@ -338,17 +339,6 @@ def _tensor(name: str, shape: list[int] | tuple[int, ...]) -> dict[str, Any]:
     return {"name": name, "shape": [BATCH, *map(int, shape)], "dtype": "float32"}
 
 
-def _finite(value: Any) -> Any:
-    """Strict JSON: NaN and ±inf become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -415,7 +405,7 @@ def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple
                    "trained": model.trained, "accuracy": model.accuracy, "samples": source},
         "versions": _versions(),
     }
-    return _finite(manifest)
+    return jsonable(manifest)
 
 
 def _staging(final: Path) -> Path:
@@ -451,7 +441,7 @@ def _write(bundle_dir: Path, server_path: Path, files: dict[str, bytes],
         meta = model.meta or {"schema": 1, "dataset": model.dataset_name,
                               "input_shape": list(model.input_shape),
                               "num_classes": model.num_classes, "cuts": list(model.cuts)}
-        (tmp_server / "checkpoint.json").write_text(json.dumps(_finite(meta), indent=2,
+        (tmp_server / "checkpoint.json").write_text(json.dumps(jsonable(meta), indent=2,
                                                                default=str))
         link = {"bundle": manifest["name"], "bundle_dir": f"../{bundle_dir.name}",
                 "client_sha256": manifest["sha256"][CLIENT_FILE], "config": model.config,

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from edgesplit.jsonable import jsonable
 
 CONFIGS = ("vanilla", "ushape", "vertical", "splitfed")
 
@@ -103,14 +104,3 @@ class TrainResult:
         out["ratio_up"] = self.ratio_up
         out["ratio_down"] = self.ratio_down
         return jsonable(out)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with NaN and ±inf replaced by ``None`` (strict JSON has no such numbers)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
