@@ -640,8 +640,8 @@ class SplitServer:
                 "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
             }
             stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
-        self.probes.append(record)
-        self.latest_probe[message.client] = record
+            self.probes.append(record)
+            self.latest_probe[message.client] = record
         if self.on_probe:
             self.on_probe(record)
 
@@ -698,10 +698,11 @@ class SplitServer:
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot: per client counters and the latest probe."""
-        return {
-            "config": self.config,
-            "steps_applied": self.steps_applied,
-            "clients": {name: s.row() for name, s in sorted(self.stats.items())},
-            "last_probe": self.probes[-1] if self.probes else None,
-            "probes": dict(sorted(self.latest_probe.items())),
-        }
+        with self._cond:   # gRPC threads add clients and probes while we read
+            return {
+                "config": self.config,
+                "steps_applied": self.steps_applied,
+                "clients": {name: s.row() for name, s in sorted(self.stats.items())},
+                "last_probe": self.probes[-1] if self.probes else None,
+                "probes": dict(sorted(self.latest_probe.items())),
+            }
