@@ -59,8 +59,11 @@ def add_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatter] | 
                         "default: every valid cut of the model that leaves the client a layer "
                         "with parameters")
     g.add_argument("--codecs", default=DEFAULT_CODECS,
-                   help="comma-separated activation codec specs (';' also separates)")
-    g.add_argument("--grad-codec", default="fp32", help="codec for the gradients sent down")
+                   help="comma-separated activation codec specs (';' also separates); "
+                        "ACT/GRAD sets the gradient codec of that cell too, e.g. "
+                        "q4+zstd/q4+zstd")
+    g.add_argument("--grad-codec", default="fp32",
+                   help="codec for the gradients sent down (cells without /GRAD)")
     g.add_argument("--seeds", type=int, default=3,
                    help="training seeds per cut x codec (accuracy std needs >= 2)")
     g.add_argument("--seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")

@@ -306,10 +306,12 @@ def default_cuts(args: SweepArgs) -> list[str]:
 
 
 def make_spec(args: SweepArgs, cut: str, codec: str, seed: int) -> TrainSpec:
-    """The :class:`TrainSpec` of one cell."""
+    """The :class:`TrainSpec` of one cell. ``codec`` may name both directions as
+    ``ACTIVATIONS/GRADIENTS`` (``q4+zstd/q8+zstd``); otherwise gradients use ``--grad-codec``."""
+    act, _, grad = codec.partition("/")
     return TrainSpec(
         data=args.data, config=args.config, clients=args.clients, model=args.model, cut=cut,
-        codec=codec, grad_codec=args.grad_codec, epochs=args.epochs,
+        codec=act, grad_codec=grad or args.grad_codec, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=seed, feature_split=args.feature_split,
     )
 

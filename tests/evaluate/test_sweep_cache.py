@@ -193,3 +193,13 @@ def test_progress_and_report_path(tmp_path: Path, capsys: pytest.CaptureFixture[
     for name in ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png",
                  "latency.png"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_a_codec_can_name_its_gradient_codec() -> None:
+    from edgesplit.evaluate.sweep import SweepArgs, make_spec
+
+    args = SweepArgs(grad_codec="bf16")
+    both = make_spec(args, "relu1", "q4+zstd/q8+zstd", 0)
+    plain = make_spec(args, "relu1", "q4+zstd", 0)
+    assert (both.codec, both.grad_codec) == ("q4+zstd", "q8+zstd")
+    assert (plain.codec, plain.grad_codec) == ("q4+zstd", "bf16")
