@@ -13,6 +13,36 @@ from edgesplit.cli.common import add_training_options, human_bytes, print_json, 
 log = logging.getLogger(__name__)
 
 
+#: Options an export recipe may set (TOML keys = option names with underscores).
+RECIPE_KEYS = ("device", "weights", "opset", "fit_batch", "atol", "rtol", "int8_max_drop",
+               "calibration_samples", "name")
+_DEFAULTS: dict[str, Any] = {}
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill options still at their default from ``--recipe``; unknown keys are an error."""
+    from pathlib import Path
+
+    import tomllib
+
+    from edgesplit.errors import ConfigError
+
+    path = Path(args.recipe)
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise ConfigError(f"recipe {path} has unknown keys {', '.join(unknown)}; valid: "
+                          f"{', '.join(RECIPE_KEYS)}")
+    for key, value in recipe.items():
+        if getattr(args, key) == _DEFAULTS.get(key):
+            setattr(args, key, value)
+
+
 def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     p = sub.add_parser(
         "export", formatter_class=formatter,
@@ -58,6 +88,10 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
                    help="bundle name; when not given: DATASET-CONFIG[-partyK][-int8]")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     g = p.add_argument_group("target")
+    g.add_argument("--recipe", metavar="TOML", default=None,
+                   help="an export recipe (see export/*.toml): target settings by their option "
+                        "names (device, weights, opset, fit_batch, atol, rtol, int8_max_drop, "
+                        "calibration_samples, name); options given on the command line win")
     g.add_argument("--device", metavar="NAME", default=None,
                    help="device profile (devices/NAME.toml, or a path to a .toml) the export "
                         "must fit: its max ONNX opset and memory; when not given: no check")
@@ -82,12 +116,15 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
                         "quantization ranges")
     add_training_options(p, epochs=10)
     p.set_defaults(run=run, data=None)
+    _DEFAULTS.update({k: p.get_default(k) for k in RECIPE_KEYS})
 
 
 def run(args: argparse.Namespace) -> int:
     from edgesplit.errors import ConfigError
     from edgesplit.onnx_export import ExportOptions, export_bundle
 
+    if args.recipe:
+        apply_recipe(args)
     if args.source and args.untrained:
         raise ConfigError("--untrained exports a fresh model; it cannot be combined with --from")
     if args.source:

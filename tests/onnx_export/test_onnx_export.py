@@ -202,3 +202,22 @@ def test_cli_missing_checkpoint_is_one_line_and_exit_2(cli, tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a checkpoint" in lines[0], out.stderr
+
+
+def test_export_recipe_sets_target_options_and_refuses_unknown_keys(tmp_path):
+    import argparse
+
+    from edgesplit.cli.export import _DEFAULTS, RECIPE_KEYS, apply_recipe
+    from edgesplit.cli.main import build_parser
+    from edgesplit.errors import ConfigError
+
+    build_parser()   # registers the export defaults
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('device = "rpi4"\nweights = "int8"\nopset = 19\n')
+    args = argparse.Namespace(recipe=str(recipe), **{k: _DEFAULTS[k] for k in RECIPE_KEYS})
+    args.opset = 20   # given on the command line: the recipe must not override it
+    apply_recipe(args)
+    assert (args.device, args.weights, args.opset) == ("rpi4", "int8", 20)
+    recipe.write_text("colour = 1\n")
+    with pytest.raises(ConfigError, match="unknown keys colour"):
+        apply_recipe(args)
