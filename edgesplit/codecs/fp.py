@@ -161,48 +161,6 @@ def _from_fp16_bits(bits: np.ndarray) -> np.ndarray:
     return np.take(_FP16_TABLE, bits.astype(np.intp, copy=False))
 
 
-@register
-@dataclass(frozen=True)
-class Fp16(ValueStage):
-    """IEEE half precision (round to nearest even, numpy's cast)."""
-
-    name: ClassVar[str] = "fp16"
-    stage_id: ClassVar[int] = 2
-
-    @classmethod
-    def from_args(cls, args: Sequence[str]) -> Fp16:
-        cls._no_args(args)
-        return cls()
-
-    @classmethod
-    def from_params(cls, params: bytes) -> Fp16:
-        cls._no_params(params)
-        return cls()
-
-    def params(self) -> bytes:
-        return b""
-
-    def spec(self) -> str:
-        return self.name
-
-    def encoded_size(self, shape: Shape) -> int:
-        return 2 * element_count(shape)
-
-    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
-        _check_range(self.name, x, _FP16_OVERFLOW)
-        return _le_bytes(_to_fp16_bits(x))
-
-    def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
-        n = _check_size(self.name, data, shape, 2)
-        # np.frombuffer only, never allow_pickle.
-        bits = np.frombuffer(data, dtype="<u2", count=n)
-        return _check_decoded(self.name, _from_fp16_bits(bits).reshape(shape))
-
-    def roundtrip(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        _check_range(self.name, x, _FP16_OVERFLOW)
-        return _from_fp16_bits(_to_fp16_bits(x)).reshape(x.shape)
-
-
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bit patterns (uint16), rounding to nearest, ties to even.
 
@@ -225,22 +183,28 @@ def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return u.view(np.float32)
 
 
-@register
 @dataclass(frozen=True)
-class Bf16(ValueStage):
-    """bfloat16: the top 16 bits of float32, rounded to nearest even (fp32's range, 8-bit
-    mantissa)."""
+class _Half(ValueStage):
+    """A 16-bit float stage: 2 bytes per element; subclasses give the bit conversions and the
+    smallest magnitude that would overflow to inf."""
 
-    name: ClassVar[str] = "bf16"
-    stage_id: ClassVar[int] = 3
+    overflow: ClassVar[float]
+
+    @staticmethod
+    def to_bits(x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_bits(bits: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     @classmethod
-    def from_args(cls, args: Sequence[str]) -> Bf16:
+    def from_args(cls, args: Sequence[str]) -> _Half:
         cls._no_args(args)
         return cls()
 
     @classmethod
-    def from_params(cls, params: bytes) -> Bf16:
+    def from_params(cls, params: bytes) -> _Half:
         cls._no_params(params)
         return cls()
 
@@ -254,15 +218,43 @@ class Bf16(ValueStage):
         return 2 * element_count(shape)
 
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:
-        _check_range(self.name, x, _BF16_OVERFLOW)
-        return _le_bytes(_to_bf16_bits(x))
+        _check_range(self.name, x, self.overflow)
+        return _le_bytes(self.to_bits(x))
 
     def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
         n = _check_size(self.name, data, shape, 2)
         # np.frombuffer only, never allow_pickle.
         bits = np.frombuffer(data, dtype="<u2", count=n)
-        return _check_decoded(self.name, _from_bf16_bits(bits).reshape(shape))
+        return _check_decoded(self.name, self.from_bits(bits).reshape(shape))
 
     def roundtrip(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        _check_range(self.name, x, _BF16_OVERFLOW)
-        return _from_bf16_bits(_to_bf16_bits(x)).reshape(x.shape)
+        _check_range(self.name, x, self.overflow)
+        return self.from_bits(self.to_bits(x)).reshape(x.shape)
+
+
+@register
+@dataclass(frozen=True)
+class Fp16(_Half):
+    """IEEE half precision (round to nearest even, numpy's cast)."""
+
+    name: ClassVar[str] = "fp16"
+    stage_id: ClassVar[int] = 2
+    overflow: ClassVar[float] = _FP16_OVERFLOW
+    to_bits = staticmethod(_to_fp16_bits)
+    from_bits = staticmethod(_from_fp16_bits)
+
+
+
+
+
+@register
+@dataclass(frozen=True)
+class Bf16(_Half):
+    """bfloat16: the top 16 bits of float32, rounded to nearest even (fp32's range, 8-bit
+    mantissa)."""
+
+    name: ClassVar[str] = "bf16"
+    stage_id: ClassVar[int] = 3
+    overflow: ClassVar[float] = _BF16_OVERFLOW
+    to_bits = staticmethod(_to_bf16_bits)
+    from_bits = staticmethod(_from_bf16_bits)
