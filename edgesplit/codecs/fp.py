@@ -244,9 +244,6 @@ class Fp16(_Half):
     from_bits = staticmethod(_from_fp16_bits)
 
 
-
-
-
 @register
 @dataclass(frozen=True)
 class Bf16(_Half):
