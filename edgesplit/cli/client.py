@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 #: Environment variable read when ``--token`` is not given (keeps the token out of ``ps``).
@@ -32,24 +33,24 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum``."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
 
 
 def add_connection_options(parser: argparse.ArgumentParser, *, sessions: bool = True) -> None:
@@ -186,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_edge(args: argparse.Namespace) -> int:
     """The torch-free path: bundle + data + gRPC."""
+    from edgesplit.data import iid_shard_indices
     from edgesplit.edge.bundle import load_bundle
-    from edgesplit.edge.runtime import EdgeClient, iid_shard_indices
+    from edgesplit.edge.runtime import EdgeClient
     from edgesplit.errors import ConfigError
 
     if args.bundle is None:

@@ -41,13 +41,12 @@ from typing import Any
 import numpy as np
 
 from edgesplit.codecs import Codec, parse_codec
-from edgesplit.data import iid_shard_indices  # noqa: F401 - re-exported for the CLI
 from edgesplit.edge.bundle import Bundle
 from edgesplit.errors import ConfigError, ProtocolError
 from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
-from edgesplit.wire.messages import Kind, Message, expect, ids_digest  # noqa: F401
+from edgesplit.wire.messages import Kind, Message, expect, ids_digest
 
 MODES = ("infer", "train")
 #: Latency components, in the order tables show them; ``total`` is the measured wall time.

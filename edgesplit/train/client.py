@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from edgesplit.errors import ProtocolError, TrainingDiverged
-from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels, fp32_frame_size
+from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels
 from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
-from edgesplit.wire.frame import decode_frame, encode_frame
-from edgesplit.wire.messages import Kind, Message, expect, ids_digest  # noqa: F401
+from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
+from edgesplit.wire.messages import Kind, Message, expect, ids_digest
 
 
 @dataclass

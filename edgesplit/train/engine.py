@@ -26,6 +26,7 @@ from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, fam
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
 from edgesplit.split.profile import profile_segment
 from edgesplit.train.client import SplitClient, StepResult
+from edgesplit.train.frames import CodecStats
 from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import CONFIGS, TrainResult, TrainSpec
 from edgesplit.transport.base import Handler, Transport
@@ -340,9 +341,9 @@ class _Run:
             client_params += head_prof.params
             client_flops += head_prof.flops
         act_stats = [c.act.stats for c in self.clients]
-        signal = sum(s.signal_power for s in act_stats)
-        noise = sum(s.noise_power for s in act_stats)
-        snr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
+        # one CodecStats over every client's activations: the run's SNR by the same formula
+        pooled = CodecStats(signal_power=sum(s.signal_power for s in act_stats),
+                            noise_power=sum(s.noise_power for s in act_stats))
 
         def total(field: str) -> int:
             return sum(getattr(b, field) for b in per_client)
@@ -362,7 +363,7 @@ class _Run:
             cut_shape=profiles[0].output_shape,
             train_samples=len(self.data.y_train),
             epochs=spec.epochs,
-            snr_db=snr,
+            snr_db=pooled.snr_db,
             encode_seconds=sum(s.encode_seconds for s in act_stats),
             decode_seconds=self.server.act_codec.stats.decode_seconds,
             client_params=client_params,

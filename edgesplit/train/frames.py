@@ -10,12 +10,11 @@ import numpy as np
 import torch
 
 from edgesplit.codecs import Codec, parse_codec
-from edgesplit.wire.frame import (  # noqa: F401 - fp32_frame_size re-exported
+from edgesplit.wire.frame import (
     DEFAULT_LIMITS,
     FrameLimits,
     decode_frame,
     encode_frame,
-    fp32_frame_size,
 )
 
 

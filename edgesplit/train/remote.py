@@ -18,11 +18,11 @@ import torch
 
 from edgesplit.data import load_dataset
 from edgesplit.errors import ConfigError
-from edgesplit.train.client import SplitClient, expect
+from edgesplit.train.client import SplitClient
 from edgesplit.train.engine import build_split, epoch_plan
 from edgesplit.train.spec import TrainSpec
 from edgesplit.transport.base import Transport
-from edgesplit.wire.messages import Kind, Message
+from edgesplit.wire.messages import Kind, Message, expect
 
 
 def hello(transport: Transport, session: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -110,19 +110,14 @@ def train_remote(
 
     start = time.perf_counter()
     history = []
+    samples = 0
     holders, own = (shard[1], shard[0]) if shard else (1, index)
-
-    def plan_for(epoch: int) -> list[np.ndarray]:
-        if spec.config == "vertical":  # parties hold the same samples: one shared order
-            return epoch_plan(
-                "vertical", len(data.y_train), 1, 0, spec.seed, epoch, spec.batch_size
-            )
-        return epoch_plan(
+    for epoch in range(epochs):
+        # vertical parties get one shared order from epoch_plan whatever holders/own say
+        plan = epoch_plan(
             spec.config, len(data.y_train), holders, own, spec.seed, epoch, spec.batch_size
         )
-
-    for epoch in range(epochs):
-        plan = plan_for(epoch)
+        samples += sum(len(rows) for rows in plan)
         turn_based = spec.config in ("vanilla", "ushape") and n_clients > 1
         if turn_based and (index > 0 or epoch > 0):
             client.take_over(turn=epoch * n_clients + index)
@@ -154,7 +149,6 @@ def train_remote(
         preds = client.predict(view(data.x_test[s : s + 256]))
         correct += int((preds == data.y_test[s : s + 256]).sum())
     b = client.bytes
-    samples = sum(len(r) for e in range(epochs) for r in plan_for(e))
     return {
         "client": client.name,
         "config": spec.config,

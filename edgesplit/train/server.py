@@ -31,9 +31,9 @@ from edgesplit.errors import (
     TrainingDiverged,
 )
 from edgesplit.train.barrier import Barriers
-from edgesplit.train.frames import TensorCodec, decode_labels, fp32_frame_size
+from edgesplit.train.frames import TensorCodec, decode_labels
 from edgesplit.train.probe import compare
-from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
+from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame, fp32_frame_size
 from edgesplit.wire.messages import (
     Kind,
     Message,
@@ -313,7 +313,7 @@ class SplitServer:
             tensors = {"grad": self._encode_grad(message.step, act.grad)} if want_grad else {}
             self.optimizer.step()
             self.steps_applied += 1
-        self._count(message.client, len(act), loss, logits, labels)
+        meta = self._count(message.client, len(act), loss, logits, labels)
         if ref is not None:
             self._probe(message, act.detach(), ref, labels)
         return Message(
@@ -322,11 +322,7 @@ class SplitServer:
             message.client,
             message.step,
             tensors,
-            {
-                "loss": float(loss.detach()),
-                "correct": int((logits.argmax(1) == labels).sum()),
-                "n": len(act),
-            },
+            meta,
         )
 
     def _predict(self, message: Message) -> Message:
@@ -459,12 +455,7 @@ class SplitServer:
                 self._check_finite(message.step, loss, *(a.grad for a in acts))
                 self.optimizer.step()
                 self.steps_applied += 1
-                self._count(message.client, len(joined), loss, logits, label_list[0])
-                meta = {
-                    "loss": float(loss.detach()),
-                    "n": len(joined),
-                    "correct": int((logits.argmax(1) == label_list[0]).sum()),
-                }
+                meta = self._count(message.client, len(joined), loss, logits, label_list[0])
                 return {
                     k: Message(
                         Kind.GRADIENT,
@@ -603,13 +594,17 @@ class SplitServer:
 
     def _count(
         self, client: str, n: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Add a trained step to ``client``'s counters; returns the reply meta of that step."""
+        meta = {"loss": float(loss.detach()), "correct": int((logits.argmax(1) == labels).sum()),
+                "n": n}
         stats = self.stats[client]
         stats.steps += 1
         stats.samples += n
         stats.labelled += n
-        stats.loss_sum += float(loss.detach()) * n
-        stats.correct += int((logits.argmax(1) == labels).sum())
+        stats.loss_sum += meta["loss"] * n
+        stats.correct += meta["correct"]
+        return meta
 
     def _reference(self, message: Message, act: torch.Tensor) -> torch.Tensor | None:
         """The probe's fp32 copy of ``act``, decoded and checked; None when not a probe."""

@@ -12,7 +12,7 @@ import pytest
 
 from edgesplit.cli.main import main
 from edgesplit.cli.status import print_status
-from edgesplit.edge.runtime import iid_shard_indices
+from edgesplit.data import iid_shard_indices
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from edgesplit.data import iid_shard_indices
 from edgesplit.edge.bundle import load_bundle
-from edgesplit.edge.runtime import EdgeClient, EdgeReport, expect, iid_shard_indices
+from edgesplit.edge.runtime import EdgeClient, EdgeReport
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport.grpc_client import GrpcTransport, fetch_status
 from edgesplit.wire.frame import decode_frame, encode_frame, read_header
-from edgesplit.wire.messages import Kind, Message
+from edgesplit.wire.messages import Kind, Message, expect
 
 
 @dataclass
