@@ -26,6 +26,8 @@ class TrainSpec:
     codec / grad_codec: codec specs for activations (up) and gradients (down).
     epochs, batch_size, lr, seed: the usual.
     feature_split: vertical only, e.g. ``"0:10,10:30"``; default = K contiguous blocks.
+    bottleneck: a learned bottleneck at the cut, ``"D[:BITS]"`` (e.g. ``"16:2"``); ``None`` = none.
+    defense: privacy defenses at the cut (see :mod:`edgesplit.split.defense`); ``None`` = none.
     """
 
     data: str = "digits"
@@ -40,6 +42,8 @@ class TrainSpec:
     lr: float = 0.02
     seed: int = 0
     feature_split: str | None = None
+    bottleneck: str | None = None
+    defense: str | None = None
 
 
 @dataclass
