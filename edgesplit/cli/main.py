@@ -9,7 +9,18 @@ import logging
 import sys
 
 #: Subcommand modules under edgesplit.cli, in the order ``--help`` lists them.
-COMMANDS = ("demo", "train", "export", "serve", "client", "status", "evaluate")
+COMMANDS = ("demo", "train", "cuts", "export", "serve", "client", "status", "evaluate")
+
+#: Top-level packages of the ``[train]`` extra; the base (edge) install has none of them.
+TRAIN_EXTRA = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib")
+#: The pip name of each, where it differs from the import name.
+PIP_NAMES = {"sklearn": "scikit-learn"}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The ``[train]`` package whose absence raised ``exc``, or None for any other module."""
+    top = (exc.name or "").split(".")[0]
+    return top if top in TRAIN_EXTRA else None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -53,6 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgesplit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        # The edge install (no extras) runs client/status; the rest need the [train] extra.
+        package = missing_extra(exc)
+        if package is None:
+            raise
+        print(
+            f"edgesplit {args.command}: error: this command needs "
+            f"{PIP_NAMES.get(package, package)}, which is not installed (the base install is "
+            "the torch-free edge runtime); install it with: pip install 'edgesplit[train]'",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as exc:  # missing files, full disks, refused sockets: say which
         print(f"edgesplit {args.command}: error: {exc}", file=sys.stderr)
         return 2
