@@ -3,7 +3,9 @@ a spec), its on-disk state for restarts, and the compression metrics log."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import threading
 from dataclasses import asdict
@@ -18,6 +20,9 @@ from edgesplit.train.checkpoint import load_checkpoint
 from edgesplit.train.engine import build_split
 from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import TrainSpec, jsonable
+from edgesplit.train.state_file import StateFileError, previous_path, read_checked, write_checked
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "server-state.pt"
 
@@ -55,9 +60,12 @@ class StateStore:
     """Saves the server's state after applied steps and loads it on start, so a restarted
     server neither loses nor repeats a step.
 
-    One file, written whole and then renamed over the old one: a crash leaves either the old
-    state or the new one, never half of each. The save runs under the server lock right after
-    a step's reply is recorded, before the reply leaves.
+    Each save writes one checked file (:mod:`edgesplit.train.state_file`: a sha256 header, a
+    temporary file renamed into place) and keeps the state it replaces beside it as
+    ``server-state.pt.prev``. On load a file that fails its checksum is never used: the store
+    falls back to the previous good state with a warning naming the bad file, and refuses only
+    when neither is good. The save runs under the server lock right after a step's reply is
+    recorded, before the reply leaves.
     """
 
     def __init__(self, directory: str | Path, server: SplitServer, every: int = 1) -> None:
@@ -65,27 +73,88 @@ class StateStore:
         self.server = server
         self.every = max(1, every)
         self._since = 0
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"--state {self.dir}: cannot create the directory ({exc.strerror or exc})"
+            ) from None
         self.path = self.dir / STATE_FILE
+        #: Which file :meth:`load` restored from (``None``: nothing was restored).
+        self.loaded_from: Path | None = None
 
     def load(self) -> bool:
-        """Restore a saved state if there is one; True when something was restored."""
-        if not self.path.exists():
+        """Restore the newest good saved state; True when something was restored.
+
+        Raises
+        ------
+        ConfigError
+            A state exists but none of the saved files is good, or the good one was saved by a
+            server with other settings.
+        """
+        candidates = [self.path, previous_path(self.path)]
+        if not any(p.exists() for p in candidates):
             return False
-        try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            meta = json.loads(saved["meta"])
-            if meta.get("spec") != jsonable(self.server.spec):
-                raise ValueError(
-                    "it was saved by a server with other settings (model, cut, codec or data)"
+        problems: list[str] = []
+        for path in candidates:
+            if not path.exists():
+                continue
+            try:
+                saved = self._read(path)
+            except StateFileError as exc:
+                problems.append(str(exc))
+                log.warning("state file %s is not usable: %s", path, exc)
+                continue
+            self._restore(path, saved)
+            if problems:
+                log.warning(
+                    "falling back to the previous good state %s (%s)", path, "; ".join(problems)
                 )
-            self.server.import_state(saved["tensors"], meta)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                self._set_aside(self.path)
+            self.loaded_from = path
+            return True
+        raise ConfigError(
+            f"cannot restore server state from {self.dir}: no good state file "
+            f"({'; '.join(problems)}); pass another --state DIR (or move this one away) to "
+            "start fresh"
+        )
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        payload = read_checked(path)
+        try:
+            saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or "meta" not in saved or "tensors" not in saved:
+                raise ValueError("it holds no 'tensors' and 'meta' entries")
+            saved["meta"] = json.loads(saved["meta"])
+        except Exception as exc:  # noqa: BLE001 - checksum matched yet unreadable: say so, once
+            raise StateFileError(f"{path} passed its checksum but cannot be read: {exc}") from None
+        return saved
+
+    def _restore(self, path: Path, saved: dict[str, Any]) -> None:
+        meta = saved["meta"]
+        if meta.get("spec") != jsonable(self.server.spec):
             raise ConfigError(
-                f"cannot restore server state from {self.path}: {exc}; pass "
-                "another --state DIR (or move this one away) to start fresh"
+                f"cannot restore server state from {path}: it was saved by a server with other "
+                "settings (model, cut, codec or data); pass another --state DIR (or move this "
+                "one away) to start fresh"
+            )
+        try:
+            self.server.import_state(saved["tensors"], meta)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ConfigError(
+                f"cannot restore server state from {path}: {exc}; pass another --state DIR "
+                "(or move this one away) to start fresh"
             ) from None
-        return True
+
+    @staticmethod
+    def _set_aside(bad: Path) -> None:
+        # Keep the bad file for inspection, and out of the way: the next save would otherwise
+        # rotate it over the good ``.prev`` this store just loaded.
+        if bad.exists():
+            aside = bad.with_name(bad.name + ".corrupt")
+            os.replace(bad, aside)
+            log.warning("moved the unusable state file %s to %s", bad, aside)
 
     def on_applied(self) -> None:
         self._since += 1
@@ -93,14 +162,12 @@ class StateStore:
             self.save()
 
     def save(self) -> None:
+        """Write the current state (checked) and keep the one it replaces as ``.prev``."""
         tensors, meta = self.server.export_state()
         meta["spec"] = jsonable(self.server.spec)
-        tmp = self.path.with_name(STATE_FILE + ".tmp")
-        with tmp.open("wb") as f:
-            torch.save({"tensors": tensors, "meta": json.dumps(meta)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        buffer = io.BytesIO()
+        torch.save({"tensors": tensors, "meta": json.dumps(meta)}, buffer)
+        write_checked(self.path, buffer.getvalue())
         self._since = 0
 
 
