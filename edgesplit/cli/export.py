@@ -98,8 +98,11 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     g.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                    help="fp32, or int8 (static QDQ quantization calibrated on training data; "
                         "its accuracy change is measured on the test split)")
-    g.add_argument("--opset", type=int, default=18, metavar="N",
-                   help="ai.onnx opset (18 or newer; the device's max must be at least this)")
+    g.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ai.onnx opset: 18 or newer (torch.export-based exporter) or 13..17 "
+                        "(TorchScript-based exporter, IR version lowered to match, e.g. 16 → "
+                        "IR 8 for onnxruntime 1.11); when not given: 18, or the device's max "
+                        "opset when that is lower")
     g.add_argument("--fit-batch", type=int, default=1, metavar="N",
                    help="batch size the device memory estimate is for")
     g = p.add_argument_group("checks")

@@ -86,9 +86,8 @@ def check_opset_fits(device: DeviceProfile, opset: int) -> None:
             else ""
         raise ExportError(
             f"device {device.name} runs ONNX opset ≤ {device.max_onnx_opset}{runtime}, the export "
-            f"needs opset {opset}; the torch.export-based exporter writes opset 18 or newer, so "
-            f"this device needs a newer onnxruntime"
-            + (" (or pass --opset 18)" if device.max_onnx_opset >= 18 else "")
+            f"needs opset {opset}; pass --opset {device.max_onnx_opset} (or leave --opset out: "
+            "the device's max is then used)"
         )
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ from edgesplit.onnx_export.segment import (
     check_model,
     check_opset,
     export_segment,
+    exporter_name,
     model_opset,
 )
 from edgesplit.onnx_export.source import SplitModel
@@ -77,7 +78,6 @@ from edgesplit.split.profile import SegmentProfile, profile_segment
 
 DEFAULT_OUT_ROOT = Path("export/out")
 SERVER_SUFFIX = ".server"
-EXPORTER = "torch.onnx.export(dynamo=True)"
 
 
 @dataclass
@@ -88,7 +88,8 @@ class ExportOptions:
     ----------
     name: bundle name (default: ``<dataset>-<config>[-party<K>][-int8]``).
     party: which client segment: the vertical party ``K`` (others have one segment: 0).
-    opset: ai.onnx opset, 18 or newer.
+    opset: ai.onnx opset (18 or newer: torch.export-based exporter; 13..17: TorchScript-based);
+        ``None``: 18, or the device's max opset when that is lower.
     weights: ``fp32`` or ``int8`` (static QDQ quantization, calibrated on training samples).
     device: a device profile (or its name) the export must fit; ``None`` = no device check.
     batch_sizes: batch sizes of the parity check.
@@ -100,7 +101,7 @@ class ExportOptions:
 
     name: str | None = None
     party: int = 0
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None
     weights: str = "fp32"
     device: DeviceProfile | str | None = None
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
@@ -173,10 +174,12 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
         An unknown device name or malformed device profile.
     """
     options = options or ExportOptions()
-    _check_options(model, options)
     device = load_device(options.device) if isinstance(options.device, str) else options.device
+    opset = resolve_opset(options.opset, device)
+    options = replace(options, opset=opset)
+    _check_options(model, options)
     if device is not None:
-        check_opset_fits(device, options.opset)   # fail before the slow part
+        check_opset_fits(device, opset)   # fail before the slow part
     name = options.name or default_name(model, options)
     bundle_dir = Path(out) if out is not None else DEFAULT_OUT_ROOT / name
     if not bundle_dir.name:   # "." or "/": name the folder so OUT.server has a sibling to be
@@ -193,7 +196,7 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
     meta = {"edgesplit.role": "client", "edgesplit.cuts": ",".join(model.cuts),
             "edgesplit.config": model.config, "edgesplit.party": str(party)}
 
-    client = export_segment(lower, samples, opset=options.opset, input_name="x",
+    client = export_segment(lower, samples, opset=opset, input_name="x",
                             output_name="cut", metadata=meta)
     parity = check_parity(lower, client.to_bytes(), samples, input_name="x",
                           batch_sizes=options.batch_sizes, atol=options.atol, rtol=options.rtol,
@@ -221,7 +224,7 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
         peak = max(prof.peak_activation_bytes, head_prof.peak_activation_bytes if head_prof else 0)
         memory = estimate_memory(sum(len(b) for b in files.values()), math.prod(shape) * 4, peak,
                                  options.fit_batch)
-        fit = device_fit(device, opset=options.opset, memory=memory,
+        fit = device_fit(device, opset=opset, memory=memory,
                          flops=prof.flops + (head_prof.flops if head_prof else 0),
                          precision=options.weights)
         if not fit.fits:
@@ -236,6 +239,16 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
                         client.warnings + (head.warnings if head else []))
 
 
+def resolve_opset(opset: int | None, device: DeviceProfile | None) -> int:
+    """The opset to write: the one asked for, else 18, or the device's max when that is lower
+    (an old runtime, e.g. the Jetson Nano's 1.11 reads ≤ 16: the TorchScript exporter's)."""
+    if opset is not None:
+        return opset
+    if device is not None and device.max_onnx_opset < DEFAULT_OPSET:
+        return device.max_onnx_opset
+    return DEFAULT_OPSET
+
+
 # ---------------------------------------------------------------------------------- steps
 def _export_head(model: SplitModel, samples: np.ndarray, source: str, options: ExportOptions,
                  meta: dict[str, str]) -> tuple[ExportedSegment, ParityResult]:
@@ -245,7 +258,7 @@ def _export_head(model: SplitModel, samples: np.ndarray, source: str, options: E
     with torch.no_grad():
         cut = model.lowers[0].eval()(torch.from_numpy(samples))
         mids = model.server.eval()(cut).numpy()
-    head = export_segment(model.head, mids, opset=options.opset, input_name="mid",
+    head = export_segment(model.head, mids, opset=options.opset or DEFAULT_OPSET, input_name="mid",
                           output_name="logits", metadata={**meta, "edgesplit.role": "head"})
     parity = check_parity(model.head, head.to_bytes(), mids, input_name="mid",
                           batch_sizes=options.batch_sizes, atol=options.atol, rtol=options.rtol,
@@ -259,6 +272,8 @@ def _check_options(model: SplitModel, options: ExportOptions) -> None:
     if options.weights not in WEIGHTS:
         raise ExportError(f"unknown weights {options.weights!r}; valid: {', '.join(WEIGHTS)}")
     model.check_party(options.party)
+    if options.opset is None:   # resolve_opset ran first; keeps the type checker honest
+        raise ExportError("no opset resolved")
     check_opset(options.opset)
     if not options.batch_sizes or min(options.batch_sizes) < 1:
         raise ExportError(f"parity batch sizes must be ≥ 1, got {list(options.batch_sizes)}")
@@ -339,12 +354,12 @@ def _tensor(name: str, shape: list[int] | tuple[int, ...]) -> dict[str, Any]:
     return {"name": name, "shape": [BATCH, *map(int, shape)], "dtype": "float32"}
 
 
-def _versions() -> dict[str, str]:
+def _versions(opset: int) -> dict[str, str]:
     import onnx
     import onnxruntime
     import onnxscript
 
-    return {"edgesplit": edgesplit.__version__, "exporter": EXPORTER,
+    return {"edgesplit": edgesplit.__version__, "exporter": exporter_name(opset),
             "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
@@ -403,7 +418,7 @@ def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple
         "server_segment": f"../{server_path.name}",
         "source": {"checkpoint": model.checkpoint, "dataset": model.dataset_name,
                    "trained": model.trained, "accuracy": model.accuracy, "samples": source},
-        "versions": _versions(),
+        "versions": _versions(model_opset(client.model)),
     }
     return jsonable(manifest)
 

@@ -1,8 +1,14 @@
-"""One torch segment ▸ one self-contained ONNX model, with the torch.export-based exporter."""
+"""One torch segment ▸ one self-contained ONNX model.
+
+Opset 18 and newer: the torch.export-based exporter (``dynamo=True``). Older opsets, for devices
+with an old ONNX Runtime (Jetson Nano: 1.11, opset ≤ 16, IR ≤ 8): the TorchScript-based exporter,
+which writes them directly; onnx's version converter does not down-convert 18 → 16 reliably.
+"""
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import re
 import warnings
@@ -20,10 +26,13 @@ from edgesplit.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-#: Lowest opset we export: the torch.export-based exporter's own target (older opsets would
-#: go through onnx's version converter, which drops ops it cannot down-convert).
+#: Lowest opset of the torch.export-based exporter (older opsets would go through onnx's
+#: version converter, which drops ops it cannot down-convert).
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
+#: Lowest opset the TorchScript-based exporter writes for us (13: per-channel QuantizeLinear
+#: for int8, and every ONNX Runtime since 1.6 reads it).
+LEGACY_MIN_OPSET = 13
 
 
 @dataclass
@@ -56,15 +65,31 @@ def max_supported_opset() -> int:
 def check_opset(opset: int) -> None:
     """Raise :class:`ExportError` unless ``opset`` is one this exporter can write."""
     top = max_supported_opset()
-    if not MIN_OPSET <= opset <= top:
-        raise ExportError(f"opset {opset} is outside what the torch.export-based exporter writes: "
-                          f"{MIN_OPSET}..{top} (onnx {onnx.__version__})")
+    if not LEGACY_MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset {opset} is outside what the exporters write: "
+                          f"{LEGACY_MIN_OPSET}..{MIN_OPSET - 1} (TorchScript-based exporter) or "
+                          f"{MIN_OPSET}..{top} (torch.export-based, onnx {onnx.__version__})")
+
+
+def exporter_name(opset: int) -> str:
+    """Which exporter writes ``opset`` (recorded in the manifest)."""
+    if opset >= MIN_OPSET:
+        return "torch.onnx.export(dynamo=True)"
+    return "torch.onnx.export(dynamo=False)"
+
+
+def ir_version_for(opset: int) -> int:
+    """The oldest ONNX IR version that can carry ``opset`` (16 → 8): what old runtimes read."""
+    return int(onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid("", opset)], ignore_unknown=True))
 
 
 def export_segment(segment: nn.Module, example: np.ndarray, *, opset: int = DEFAULT_OPSET,
                    input_name: str = "x", output_name: str = "cut",
                    metadata: dict[str, str] | None = None) -> ExportedSegment:
-    """Export ``segment`` with ``torch.onnx.export(dynamo=True)`` and a dynamic batch axis.
+    """Export ``segment`` with a dynamic batch axis: ``torch.onnx.export(dynamo=True)`` for
+    opset ≥ 18, the TorchScript-based exporter (``dynamo=False``) below, with the IR version
+    lowered to the oldest that carries the opset (opset 16 → IR 8).
 
     Parameters
     ----------
@@ -74,7 +99,7 @@ def export_segment(segment: nn.Module, example: np.ndarray, *, opset: int = DEFA
         Sample inputs, float32, shape ``(n, *sample shape)`` with ``n ≥ 2``: a batch of one
         would let torch.export specialise the batch axis to 1.
     opset:
-        ai.onnx opset (``MIN_OPSET`` or newer).
+        ai.onnx opset (``LEGACY_MIN_OPSET`` or newer).
     input_name, output_name:
         Names of the graph input and output.
     metadata:
@@ -92,6 +117,21 @@ def export_segment(segment: nn.Module, example: np.ndarray, *, opset: int = DEFA
                           f"{example.shape}")
     module = copy.deepcopy(segment).eval()
     x = torch.from_numpy(np.ascontiguousarray(example[:2], dtype=np.float32))
+    if opset < MIN_OPSET:
+        model, caught = _export_torchscript(module, x, opset, input_name, output_name)
+    else:
+        model, caught = _export_dynamo(module, x, opset, input_name, output_name)
+    for note in caught:
+        log.debug("exporter: %s", note)
+    _finish(model, opset, input_name, output_name, metadata or {})
+    check_model(model, what=f"exported segment ({output_name})")
+    with torch.no_grad():
+        out_shape = list(module(x).shape[1:])
+    return ExportedSegment(model, input_name, output_name, out_shape, caught)
+
+
+def _export_dynamo(module: nn.Module, x: torch.Tensor, opset: int, input_name: str,
+                   output_name: str) -> tuple[onnx.ModelProto, list[str]]:
     batch = torch.export.Dim(BATCH, min=1)
     caught: list[str] = []
     exporter_log = logging.getLogger("torch.onnx")
@@ -116,14 +156,29 @@ def export_segment(segment: nn.Module, example: np.ndarray, *, opset: int = DEFA
         exporter_log.setLevel(level)
     if program is None:   # only the legacy exporter returns None
         raise ExportError("torch.onnx.export returned no program")
-    model = program.model_proto
-    for note in caught:
-        log.debug("exporter: %s", note)
-    _finish(model, opset, input_name, output_name, metadata or {})
-    check_model(model, what=f"exported segment ({output_name})")
-    with torch.no_grad():
-        out_shape = list(module(x).shape[1:])
-    return ExportedSegment(model, input_name, output_name, out_shape, caught)
+    return program.model_proto, caught
+
+
+def _export_torchscript(module: nn.Module, x: torch.Tensor, opset: int, input_name: str,
+                        output_name: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The TorchScript-based exporter: the one that writes opsets below 18 directly."""
+    buffer = io.BytesIO()
+    axes = {input_name: {0: BATCH}, output_name: {0: BATCH}}
+    try:
+        with warnings.catch_warnings(record=True) as records, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[input_name], output_names=[output_name],
+                              dynamic_axes=axes, do_constant_folding=True)
+            caught = _unique(f"{r.category.__name__}: {r.message}" for r in records)
+    except Exception as exc:   # jit tracing and symbolic functions raise many types
+        raise ExportError(f"torch.onnx.export (TorchScript, opset {opset}) failed for the "
+                          f"segment: {_cause(exc)}") from exc
+    model = onnx.load_from_string(buffer.getvalue())
+    # the exporter stamps the IR version of the onnx it was built with; old runtimes refuse
+    # anything newer than they know, and the opset needs no more than this
+    model.ir_version = min(model.ir_version, ir_version_for(opset))
+    return model, caught
 
 
 def _finish(model: onnx.ModelProto, opset: int, input_name: str, output_name: str,

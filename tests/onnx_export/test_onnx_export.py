@@ -138,10 +138,10 @@ def _device(**overrides) -> DeviceProfile:
     return DeviceProfile(**{**fields, **overrides})
 
 
-def test_device_with_old_opset_is_refused(trained, tmp_path):
-    with pytest.raises(ExportError, match="opset ≤ 17"):
+def test_device_with_old_opset_is_refused_an_explicit_newer_opset(trained, tmp_path):
+    with pytest.raises(ExportError, match="opset ≤ 17.*pass --opset 17"):
         export_bundle(SplitModel.from_trained(trained), tmp_path / "o",
-                      ExportOptions(device=_device(max_onnx_opset=17)))
+                      ExportOptions(opset=18, device=_device(max_onnx_opset=17)))
     assert not (tmp_path / "o").exists()
 
 
