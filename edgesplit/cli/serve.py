@@ -71,7 +71,36 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
         "--max-workers",
         type=int,
         default=16,
-        help="concurrent sessions (each open client stream holds one)",
+        help="requests handled at the same time (threads); open sessions do not hold one. "
+        "Keep it above the number of vertical parties, which wait for each other",
+    )
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        default=1024,
+        help="open client sessions (streams) in total; beyond it clients are told to retry",
+    )
+    g.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=8,
+        metavar="N",
+        help="open sessions one token may hold, so one client cannot lock the others out",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a session that sends nothing for this long (clients reconnect on their "
+        "next request)",
+    )
+    g.add_argument(
+        "--max-meta-kib",
+        type=int,
+        default=64,
+        metavar="KIB",
+        help="largest JSON meta one request may carry",
     )
     g = p.add_argument_group("state and metrics")
     g.add_argument(
@@ -118,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.cli.common import print_json, set_threads, spec_from_args
     from edgesplit.errors import ConfigError
     from edgesplit.train.serving import MetricsLog, StateStore, server_fresh, server_from_checkpoint
-    from edgesplit.transport.grpc_server import serve_handler
+    from edgesplit.transport.envelope import EnvelopeLimits
+    from edgesplit.transport.grpc_server import SessionLimits, serve_handler
     from edgesplit.transport.tokens import read_token_file
     from edgesplit.wire.frame import FrameLimits
 
@@ -129,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
             "--no-auth only for loopback experiments"
         )
     tokens = read_token_file(args.tokens) if args.tokens else None
+    limits = SessionLimits(
+        max_sessions=args.max_sessions,
+        max_streams_per_client=args.max_streams_per_client,
+        idle_timeout=args.idle_timeout,
+        envelope=EnvelopeLimits(max_meta_bytes=args.max_meta_kib * 1024),
+    )
     if args.source:
         server, shapes = server_from_checkpoint(args.source)
     else:
@@ -157,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         status=server.status,
         max_workers=args.max_workers,
+        limits=limits,
     )
     info = {
         "host": args.host,
@@ -167,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         "input_shape": shapes["input_shape"],
         "clients": sorted(tokens or {}),
         "resumed_steps": server.steps_applied if store and resumed else 0,
+        "resumed_from": str(store.loaded_from) if store and store.loaded_from else None,
     }
     if args.json:
         print_json({"listening": f"{args.host}:{running.port}", **info})
@@ -175,7 +213,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  config {server.config}, codec {info['codec']}, grad codec {info['grad_codec']}, "
             f"{len(tokens or {})} client token(s)"
-            + (f", resumed at step {server.steps_applied}" if info["resumed_steps"] else ""),
+            + (
+                f", resumed at step {server.steps_applied} from {info['resumed_from']}"
+                if info["resumed_from"]
+                else ""
+            ),
             flush=True,
         )
     stop = threading.Event()

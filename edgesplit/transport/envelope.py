@@ -9,12 +9,116 @@ shape is wrong: duplicate tensor names or meta that is not a JSON object are a
 
 from __future__ import annotations
 
-from edgesplit.errors import ProtocolError
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from edgesplit.errors import ConfigError, ProtocolError
 from edgesplit.transport import split_pb2
 from edgesplit.wire.messages import Message
 
 #: Largest step id the wire can carry (the proto field is a uint64).
 MAX_STEP = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class EnvelopeLimits:
+    """What a server accepts in one request envelope beyond gRPC's message size limit.
+
+    Parameters
+    ----------
+    max_meta_bytes:
+        Longest ``meta_json`` (UTF-8 bytes). Meta carries a handful of small fields; a large one
+        would only pin server memory.
+    max_tensors:
+        Most tensors in one envelope.
+    max_name_bytes:
+        Longest ``kind``, ``session``, ``client`` or tensor name.
+    """
+
+    max_meta_bytes: int = 64 * 1024
+    max_tensors: int = 64
+    max_name_bytes: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_meta_bytes", "max_tensors", "max_name_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"envelope limit {name} must be positive, got {getattr(self, name)}"
+                )
+
+
+def parse_envelope(data: bytes) -> split_pb2.Envelope:
+    """Decode the protobuf bytes of one envelope.
+
+    Raises
+    ------
+    ProtocolError
+        If the bytes are not an ``Envelope`` (gRPC itself would answer INTERNAL).
+    """
+    try:
+        return split_pb2.Envelope.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ProtocolError(
+            f"request is not a protobuf edgesplit.v1.Envelope ({len(data)} bytes): {exc}"
+        ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(
+        f"message meta contains {name}; meta numbers must be finite JSON numbers"
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ProtocolError(
+            f"message meta number {text[:40]} overflows a 64-bit float; meta numbers must be finite"
+        )
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # 20 digits hold every uint64; a longer integer is never a valid field and huge ones make
+    # later float() calls overflow.
+    if len(text.lstrip("-")) > 20:
+        raise ProtocolError(
+            f"message meta integer {text[:24]}... has {len(text.lstrip('-'))} digits; "
+            "meta integers must fit in 64 bits"
+        )
+    return int(text)
+
+
+def strict_meta(text: str, limit: int) -> dict[str, Any]:
+    """``meta_json`` as a dict, refusing what the protocol never sends.
+
+    Refused: more than ``limit`` bytes, invalid JSON, a non-object, ``NaN``/``Infinity``, a float
+    that overflows (``1e400``), an integer beyond 64 bits, nesting too deep to parse.
+
+    Raises
+    ------
+    ProtocolError
+        Naming what was wrong.
+    """
+    if not text:
+        return {}
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ProtocolError(f"message meta is {size} bytes; the server accepts at most {limit}")
+    try:
+        value = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
+    except RecursionError:
+        raise ProtocolError("message meta is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"message meta is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"message meta must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def message_to_envelope(message: Message) -> split_pb2.Envelope:
@@ -47,16 +151,30 @@ def message_to_envelope(message: Message) -> split_pb2.Envelope:
     )
 
 
-def envelope_to_message(envelope: split_pb2.Envelope) -> Message:
+def envelope_to_message(
+    envelope: split_pb2.Envelope, limits: EnvelopeLimits | None = None
+) -> Message:
     """The :class:`Message` an envelope carries.
+
+    Parameters
+    ----------
+    envelope:
+        As received.
+    limits:
+        A server passes its limits: meta is then parsed strictly (:func:`strict_meta`) and the
+        tensor count and name lengths are capped. ``None`` (a client reading replies) checks
+        only the structure.
 
     Raises
     ------
     ProtocolError
-        If the kind is empty, two tensors share a name, or ``meta_json`` is not a JSON object.
+        If the kind is empty, two tensors share a name, ``meta_json`` is not a JSON object, or
+        (with ``limits``) a limit is exceeded or meta holds a non-finite number.
     """
     if not envelope.kind:
         raise ProtocolError("envelope has an empty kind")
+    if limits is not None:
+        _check_limits(envelope, limits)
     tensors: dict[str, bytes] = {}
     for tensor in envelope.tensors:
         # A map would silently keep the last duplicate; refuse instead, since two frames under
@@ -72,5 +190,25 @@ def envelope_to_message(envelope: split_pb2.Envelope) -> Message:
         client=envelope.client,
         step=envelope.step,
         tensors=tensors,
-        meta=Message.meta_from_json(envelope.meta_json),
+        meta=(
+            strict_meta(envelope.meta_json, limits.max_meta_bytes)
+            if limits is not None
+            else Message.meta_from_json(envelope.meta_json)
+        ),
     )
+
+
+def _check_limits(envelope: split_pb2.Envelope, limits: EnvelopeLimits) -> None:
+    if len(envelope.tensors) > limits.max_tensors:
+        raise ProtocolError(
+            f"{envelope.kind[:40]} envelope carries {len(envelope.tensors)} tensors; "
+            f"the server accepts at most {limits.max_tensors}"
+        )
+    names = [("kind", envelope.kind), ("session", envelope.session), ("client", envelope.client)]
+    names += [("tensor name", t.name) for t in envelope.tensors]
+    for field, value in names:
+        if len(value.encode("utf-8", "surrogatepass")) > limits.max_name_bytes:
+            raise ProtocolError(
+                f"envelope {field} is {len(value)} characters long; the server accepts at most "
+                f"{limits.max_name_bytes} bytes"
+            )

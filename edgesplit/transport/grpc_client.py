@@ -30,7 +30,11 @@ import grpc
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport import split_pb2, split_pb2_grpc
 from edgesplit.transport.envelope import envelope_to_message, message_to_envelope
-from edgesplit.transport.grpc_server import AUTH_METADATA_KEY, DEFAULT_MAX_MESSAGE_BYTES
+from edgesplit.transport.grpc_server import (
+    AUTH_METADATA_KEY,
+    CONCURRENCY_LIMIT_TEXT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+)
 from edgesplit.transport.tokens import PathLike, TlsFiles, check_token, load_tls
 from edgesplit.wire.messages import Message
 
@@ -49,7 +53,6 @@ _CLIENT_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
 # Codes after which the same request may succeed on a new connection. CANCELLED is included
 # only when we did not cancel ourselves: a server shutting down cancels its open streams.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
-_CONCURRENCY_LIMIT_TEXT = "Concurrent RPC limit exceeded"
 # grpc reports an oversized message as "... larger than max (<size> vs. <limit>)".
 _SIZE_RE = re.compile(r"\((\d+) vs\. (\d+)\)")
 
@@ -303,6 +306,15 @@ class GrpcTransport:
         failures = 0
         sent_before = False
         while True:
+            if self._stream is not None and not self._stream.replies.empty():
+                # Requests and replies alternate, so anything queued before we send is the end
+                # of a stream the server closed while we were idle (its idle timeout, say).
+                # Start a fresh one; nothing was lost, nothing is resent.
+                ended = self._stream.replies.get_nowait()
+                reason = ended.details() if hasattr(ended, "details") else "closed"
+                log.info("stream to %s ended while idle (%s); opening a new one",
+                         self.target, reason)
+                self._drop(channel=False)
             stream = self._stream if self._stream is not None else self._open()
             stream.send(envelope)
             self.wire_bytes_up += size
@@ -365,7 +377,7 @@ class GrpcTransport:
             )
         if code in _RETRYABLE and not stream.cancelled_by_us:
             return f"{code.name}: {details}"
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _CONCURRENCY_LIMIT_TEXT in details:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and CONCURRENCY_LIMIT_TEXT in details:
             return "server is at its limit of concurrent sessions"
         who = message.client or "this client"
         if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -5,31 +5,48 @@ Each client session is one bidirectional ``Session`` stream. Every request envel
 the same stream, in order. The transport does no deduplication: answering a repeated step from
 record is the engine's job.
 
-Authentication is a per-client bearer token checked by a server interceptor before any servicer
-code runs. The token decides who the client is: the servicer overwrites ``message.client`` with
-the token's name, so a client cannot speak for another.
+The server is ``grpc.aio``: an open session is a coroutine waiting for its next request, not a
+thread. Only a request being handled takes a thread, from a compute pool of ``max_workers``
+(the handler is blocking torch code). So idle streams cost a little memory, not a worker, and
+``Status`` runs on its own small pool: no number of open sessions can starve it. What one client
+may hold is capped: at most ``max_streams_per_client`` open sessions per token, a stream that
+sends nothing for ``idle_timeout`` seconds is closed (``UNAVAILABLE``, which clients treat as
+"reconnect"), and ``max_sessions`` open sessions in total.
 
-Failure isolation: a malformed envelope or a handler reply ``ERROR{code: INVALID_ARGUMENT}`` ends
-*that* stream with status ``INVALID_ARGUMENT``; an exception escaping the handler ends it with
+Authentication is a per-client bearer token checked before any request is read. The token
+decides who the client is: the servicer overwrites ``message.client`` with the token's name, so
+a client cannot speak for another.
+
+Failure isolation: an envelope that does not parse, breaks an :class:`EnvelopeLimits` limit or
+carries non-finite meta, and a handler reply ``ERROR{code: INVALID_ARGUMENT}``, end *that*
+stream with status ``INVALID_ARGUMENT``; an exception escaping the handler ends it with
 ``INTERNAL`` (and is logged). Other streams keep running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Coroutine
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
-from edgesplit.transport import split_pb2, split_pb2_grpc
+from edgesplit.transport import split_pb2
 from edgesplit.transport.base import Handler
-from edgesplit.transport.envelope import envelope_to_message, message_to_envelope
+from edgesplit.transport.envelope import (
+    EnvelopeLimits,
+    envelope_to_message,
+    message_to_envelope,
+    parse_envelope,
+)
 from edgesplit.transport.tokens import PathLike, check_token, load_tls
 from edgesplit.wire.messages import Kind
 
@@ -39,10 +56,13 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Metadata key carrying ``Bearer <token>`` (gRPC metadata keys are lower case).
 AUTH_METADATA_KEY = "authorization"
+#: Text clients recognise as "the server is full, try again later" (grpc's own wording).
+CONCURRENCY_LIMIT_TEXT = "Concurrent RPC limit exceeded"
+_SERVICE = "edgesplit.v1.Split"
 
 # Server pings an idle client every 60 s and drops it after 20 s without an answer, so half-open
-# connections (a device that lost power) free their worker thread. Clients may ping every 10 s
-# without data; their own keepalive (30 s) stays well above that so they never get a GOAWAY.
+# connections (a device that lost power) are noticed. Clients may ping every 10 s without data;
+# their own keepalive (30 s) stays well above that so they never get a GOAWAY.
 _SERVER_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -50,12 +70,47 @@ _SERVER_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+# grpc binds with SO_REUSEPORT by default: a second server on a busy port would then bind too and
+# share its connections. Off, a busy port is an error.
+_NO_REUSEPORT = ("grpc.so_reuseport", 0)
+
+T = TypeVar("T")
 
 
-def _bearer_token(metadata: tuple[Any, ...] | None) -> str | None:
-    for item in metadata or ():
-        if item.key == AUTH_METADATA_KEY:
-            value = item.value
+@dataclass(frozen=True)
+class SessionLimits:
+    """What clients may hold open on one server.
+
+    Parameters
+    ----------
+    max_sessions:
+        Open ``Session`` streams, all clients together.
+    max_streams_per_client:
+        Open ``Session`` streams per token (a shipped client opens one).
+    idle_timeout:
+        Seconds a stream may wait for its client's next request before the server closes it.
+    envelope:
+        Per-request limits (meta bytes, tensors, name lengths).
+    """
+
+    max_sessions: int = 1024
+    max_streams_per_client: int = 8
+    idle_timeout: float = 300.0
+    envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_sessions <= 0 or self.max_streams_per_client <= 0:
+            raise ConfigError(
+                "max_sessions and max_streams_per_client must be positive, got "
+                f"{self.max_sessions} and {self.max_streams_per_client}"
+            )
+        if not self.idle_timeout > 0:
+            raise ConfigError(f"idle_timeout must be positive seconds, got {self.idle_timeout}")
+
+
+def _bearer_token(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == AUTH_METADATA_KEY:
             if isinstance(value, bytes):
                 value = value.decode("ascii", "replace")
             scheme, _, token = value.partition(" ")
@@ -65,69 +120,8 @@ def _bearer_token(metadata: tuple[Any, ...] | None) -> str | None:
     return None
 
 
-class _ClientContext:
-    """A servicer context that also knows the authenticated client's name.
-
-    grpc gives each RPC its own context object; wrapping it (rather than storing the name in a
-    shared map) keeps the name tied to exactly this call.
-    """
-
-    def __init__(self, context: grpc.ServicerContext, client: str) -> None:
-        self._context = context
-        self.edgesplit_client = client
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-
-def _with_client(handler: grpc.RpcMethodHandler, client: str) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour called on a context that carries ``client``."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        inner_ss = handler.stream_stream
-        return grpc.stream_stream_rpc_method_handler(
-            lambda it, ctx: inner_ss(it, _ClientContext(ctx, client)), **kwargs
-        )
-    if handler.request_streaming:
-        inner_su = handler.stream_unary
-        return grpc.stream_unary_rpc_method_handler(
-            lambda it, ctx: inner_su(it, _ClientContext(ctx, client)), **kwargs
-        )
-    if handler.response_streaming:
-        inner_us = handler.unary_stream
-        return grpc.unary_stream_rpc_method_handler(
-            lambda req, ctx: inner_us(req, _ClientContext(ctx, client)), **kwargs
-        )
-    inner_uu = handler.unary_unary
-    return grpc.unary_unary_rpc_method_handler(
-        lambda req, ctx: inner_uu(req, _ClientContext(ctx, client)), **kwargs
-    )
-
-
-def _refusal(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape as ``handler`` that aborts with UNAUTHENTICATED."""
-
-    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Check ``authorization: Bearer <token>`` on every call.
+class TokenTable:
+    """Who a bearer token belongs to (checked on every call).
 
     Parameters
     ----------
@@ -162,60 +156,161 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 found = name
         return found
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED
-            return None
-        token = _bearer_token(handler_call_details.invocation_metadata)
+    def authenticate(self, metadata: Any) -> tuple[str | None, str | None]:
+        """(client name, None) for a good ``authorization`` header, else (None, why not)."""
+        token = _bearer_token(metadata)
         if token is None:
-            log.warning("refused %s: no bearer token", handler_call_details.method)
-            return _refusal(
-                handler,
-                "missing bearer token: send metadata 'authorization: Bearer <token>'",
-            )
+            return None, "missing bearer token: send metadata 'authorization: Bearer <token>'"
         client = self.client_for(token)
         if client is None:
-            log.warning("refused %s: unknown bearer token", handler_call_details.method)
-            return _refusal(handler, "unknown bearer token")
-        return _with_client(handler, client)
+            return None, "unknown bearer token"
+        return client, None
 
 
-class SplitServicer(split_pb2_grpc.SplitServicer):
-    """Runs ``handler`` on each request of a ``Session`` stream; serves ``Status``."""
+class _Admission:
+    """Counts open sessions, in total and per client (touched only on the event loop)."""
+
+    def __init__(self, limits: SessionLimits) -> None:
+        self._limits = limits
+        self._open: dict[str | None, int] = {}
+        self.total = 0
+
+    def enter(self, client: str | None) -> str | None:
+        """Admit one more session of ``client``; return why not when over a limit."""
+        if self.total >= self._limits.max_sessions:
+            return (
+                f"{CONCURRENCY_LIMIT_TEXT}: the server has {self.total} open sessions, its "
+                f"limit (max_sessions={self._limits.max_sessions}); try again later"
+            )
+        held = self._open.get(client, 0)
+        # Without tokens there are no identities to cap; the total limit still holds.
+        if client is not None and held >= self._limits.max_streams_per_client:
+            return (
+                f"{CONCURRENCY_LIMIT_TEXT}: client {client!r} already has {held} open sessions "
+                f"(max_streams_per_client={self._limits.max_streams_per_client}); close one first"
+            )
+        self._open[client] = held + 1
+        self.total += 1
+        return None
+
+    def leave(self, client: str | None) -> None:
+        held = self._open.get(client, 0) - 1
+        if held > 0:
+            self._open[client] = held
+        else:
+            self._open.pop(client, None)
+        self.total -= 1
+
+
+class SplitServicer:
+    """Runs ``handler`` on each request of a ``Session`` stream; serves ``Status``.
+
+    Parameters
+    ----------
+    handler:
+        Blocking; run on ``compute`` threads.
+    status:
+        Builds the ``Status`` table; run on ``status_pool`` so sessions never delay it.
+    tokens:
+        ``None``: no authentication.
+    limits:
+        Session caps and per-request limits.
+    compute, status_pool:
+        Thread pools for the two kinds of work.
+    """
 
     def __init__(
-        self, handler: Handler, status: Callable[[], dict[str, Any]] | None = None
+        self,
+        handler: Handler,
+        status: Callable[[], dict[str, Any]] | None,
+        tokens: TokenTable | None,
+        limits: SessionLimits,
+        compute: futures.ThreadPoolExecutor,
+        status_pool: futures.ThreadPoolExecutor,
     ) -> None:
         self._handler = handler
         self._status = status
+        self._tokens = tokens
+        self._limits = limits
+        self._compute = compute
+        self._status_pool = status_pool
+        self._admission = _Admission(limits)
 
-    def Session(  # noqa: N802 - the name is fixed by split.proto
-        self, request_iterator: Iterator[split_pb2.Envelope], context: grpc.ServicerContext
-    ) -> Iterator[split_pb2.Envelope]:
-        client = getattr(context, "edgesplit_client", None)
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """The method table to register on a server."""
+        return grpc.method_handlers_generic_handler(
+            _SERVICE,
+            {
+                # Raw bytes in: a request that is not an Envelope must become INVALID_ARGUMENT,
+                # and grpc's own deserializer failure would be INTERNAL.
+                "Session": grpc.stream_stream_rpc_method_handler(
+                    self.Session,
+                    request_deserializer=None,
+                    response_serializer=split_pb2.Envelope.SerializeToString,
+                ),
+                "Status": grpc.unary_unary_rpc_method_handler(
+                    self.Status,
+                    request_deserializer=split_pb2.StatusRequest.FromString,
+                    response_serializer=split_pb2.StatusReply.SerializeToString,
+                ),
+            },
+        )
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext, what: str) -> str | None:
+        if self._tokens is None:
+            return None
+        client, problem = self._tokens.authenticate(context.invocation_metadata())
+        if problem is not None:
+            log.warning("refused %s from %s: %s", what, context.peer(), problem)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        return client
+
+    async def Session(  # noqa: N802 - the name is fixed by split.proto
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> None:
+        client = await self._authenticate(context, "Session")
+        refusal = self._admission.enter(client)
+        if refusal is not None:
+            log.warning("refused a session of %r (%s): %s", client, context.peer(), refusal)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            await self._serve_stream(client, context)
+        finally:
+            self._admission.leave(client)
+
+    async def _serve_stream(self, client: str | None, context: grpc.aio.ServicerContext) -> None:
+        loop = asyncio.get_running_loop()
         peer = context.peer()
-        for envelope in request_iterator:
+        idle = self._limits.idle_timeout
+        while True:
             try:
-                message = envelope_to_message(envelope)
+                data = await asyncio.wait_for(context.read(), idle)
+            except asyncio.TimeoutError:
+                log.info("closing the idle session of %r (%s) after %.0f s", client, peer, idle)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"session idle for more than {idle:g} s (idle_timeout): closed by the "
+                    "server; reconnect to go on",
+                )
+            if data is grpc.aio.EOF:
+                return
+            try:
+                message = envelope_to_message(parse_envelope(data), self._limits.envelope)
             except ProtocolError as exc:
-                log.warning("stream from %s (%s): bad envelope: %s", client, peer, exc)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                log.warning("stream from %r (%s): bad envelope: %s", client, peer, exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if client is not None:
                 # The token, not the message, says who is speaking.
                 message.client = client
             try:
-                reply = self._handler(message)
+                reply = await loop.run_in_executor(self._compute, self._handler, message)
             except Exception:
                 log.exception(
                     "handler failed on %s step %d of session %r from client %r; "
                     "ending that stream only",
                     message.kind, message.step, message.session, message.client,
                 )
-                context.abort(
+                await context.abort(
                     grpc.StatusCode.INTERNAL,
                     f"server failed to handle {message.kind} step {message.step} "
                     "(see the server log)",
@@ -226,35 +321,65 @@ class SplitServicer(split_pb2_grpc.SplitServicer):
                     "client %r session %r step %d: invalid argument: %s",
                     message.client, message.session, message.step, text,
                 )
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, text)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, text)
             try:
                 out = message_to_envelope(reply)
             except ProtocolError as exc:
                 log.error("handler produced an unsendable reply: %s", exc)
-                context.abort(grpc.StatusCode.INTERNAL, f"server produced a bad reply: {exc}")
-            yield out
+                await context.abort(grpc.StatusCode.INTERNAL, f"server produced a bad reply: {exc}")
+            await context.write(out)
 
-    def Status(  # noqa: N802 - the name is fixed by split.proto
-        self, request: split_pb2.StatusRequest, context: grpc.ServicerContext
+    async def Status(  # noqa: N802 - the name is fixed by split.proto
+        self, request: split_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> split_pb2.StatusReply:
+        await self._authenticate(context, "Status")
+        loop = asyncio.get_running_loop()
         try:
-            table = self._status() if self._status is not None else {}
+            table = (
+                await loop.run_in_executor(self._status_pool, self._status)
+                if self._status is not None
+                else {}
+            )
             text = json.dumps(table, sort_keys=True, default=str)
         except Exception:
             log.exception("status callback failed")
-            context.abort(grpc.StatusCode.INTERNAL, "server failed to build its status")
+            await context.abort(grpc.StatusCode.INTERNAL, "server failed to build its status")
         return split_pb2.StatusReply(status_json=text)
+
+
+class _EventLoopThread:
+    """An asyncio event loop running on its own daemon thread, driven from sync code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="edgesplit-grpc-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @dataclass
 class RunningServer:
     """A started server. ``port`` is the bound port (the real one when 0 was asked for)."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     host: str
     port: int
     tls: bool = False
     authenticated: bool = True
+    _loop: _EventLoopThread | None = field(default=None, repr=False)
+    _pools: tuple[futures.ThreadPoolExecutor, ...] = field(default=(), repr=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def address(self) -> str:
@@ -262,7 +387,7 @@ class RunningServer:
         return _join_host_port(self.host, self.port)
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop serving and wait until the server has shut down.
+        """Stop serving and wait until the server has shut down (idempotent).
 
         Parameters
         ----------
@@ -270,11 +395,20 @@ class RunningServer:
             Seconds in-flight calls get to finish before they are cancelled; ``None`` cancels
             them at once. New calls are refused immediately either way.
         """
-        self.server.stop(grace).wait()
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            if self._loop is not None:
+                self._loop.run(self.server.stop(grace))
+                self._loop.close()
+            for pool in self._pools:
+                # A handler still running (e.g. waiting at a barrier) finishes on its own.
+                pool.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` passes); True when it stopped."""
-        return bool(self.server.wait_for_termination(timeout))
+        return self._stopped.wait(timeout)
 
     def __enter__(self) -> RunningServer:
         return self
@@ -301,16 +435,18 @@ def serve_handler(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     status: Callable[[], dict[str, Any]] | None = None,
     max_workers: int = 16,
+    limits: SessionLimits | None = None,
 ) -> RunningServer:
     """Start a gRPC server that answers ``Session`` streams with ``handler``.
 
     Parameters
     ----------
     handler:
-        One request :class:`Message` in, one reply out. Called from several threads at once
-        (one per client stream): it must be thread-safe.
+        One request :class:`Message` in, one reply out. Called from several threads at once:
+        it must be thread-safe.
     host, port:
         Where to listen. ``port=0`` picks a free port; read it from ``RunningServer.port``.
+        A port another process (or server) already listens on is refused.
     tokens:
         Client name -> bearer token. ``None`` turns authentication off (local tests only; a
         warning is logged unless ``host`` is a loopback address).
@@ -324,9 +460,12 @@ def serve_handler(
     status:
         Returns the JSON-serialisable status table served by the ``Status`` RPC.
     max_workers:
-        Threads serving calls. Each open client session holds one for its lifetime, so this
-        is also the most concurrent calls (sessions + status) accepted; beyond it grpc answers
-        ``RESOURCE_EXHAUSTED`` ("Concurrent RPC limit exceeded") and clients retry.
+        Threads running ``handler``: requests handled at the same time. Open sessions do not
+        hold one; a request beyond this waits for a free thread. Vertical parties wait for each
+        other inside the handler, so keep this above the number of parties.
+    limits:
+        Session caps (total, per client, idle timeout) and per-request limits; defaults of
+        :class:`SessionLimits`.
 
     Returns
     -------
@@ -338,54 +477,73 @@ def serve_handler(
     ConfigError
         Bad TLS files or token table.
     TransportError
-        The address cannot be bound.
+        The address cannot be bound (in use, or not local).
     """
     if max_message_bytes <= 0:
         raise ConfigError(f"max_message_bytes must be positive, got {max_message_bytes}")
     if max_workers <= 0:
         raise ConfigError(f"max_workers must be positive, got {max_workers}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be in 0..65535, got {port}")
+    limits = limits if limits is not None else SessionLimits()
     tls = load_tls(tls_cert, tls_key, tls_ca, role="server")
-    interceptors: list[grpc.ServerInterceptor] = []
-    if tokens is not None:
-        interceptors.append(TokenAuthInterceptor(tokens))
-    elif host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+    table = TokenTable(tokens) if tokens is not None else None
+    if table is None and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         log.warning(
             "serving on %s without client tokens: anyone who can reach it can train", host
         )
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        _NO_REUSEPORT,
         *_SERVER_KEEPALIVE_OPTIONS,
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edgesplit-grpc"),
-        interceptors=interceptors,
-        options=options,
-        maximum_concurrent_rpcs=max_workers,
-    )
-    split_pb2_grpc.add_SplitServicer_to_server(SplitServicer(handler, status), server)
+    compute = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="edgesplit-handler")
+    status_pool = futures.ThreadPoolExecutor(2, thread_name_prefix="edgesplit-status")
+    servicer = SplitServicer(handler, status, table, limits, compute, status_pool)
     address = _join_host_port(host, port)
+    loop = _EventLoopThread()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
+        server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        try:
+            if tls.cert is not None and tls.key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)],
+                    root_certificates=tls.ca,
+                    require_client_auth=tls.ca is not None,
+                )
+                bound = server.add_secure_port(address, credentials)
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpc >= 1.5x raises instead of returning 0
+            bound = 0
+        if not bound or (port and bound != port):
+            await server.stop(None)
+            return server, 0
+        await server.start()
+        return server, bound
+
     try:
-        if tls.cert is not None and tls.key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key, tls.cert)],
-                root_certificates=tls.ca,
-                require_client_auth=tls.ca is not None,
-            )
-            bound = server.add_secure_port(address, credentials)
-        else:
-            bound = server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc >= 1.5x raises instead of returning 0
-        raise TransportError(f"cannot listen on {address}: {exc}") from None
+        server, bound = loop.run(start())
+    except BaseException:
+        loop.close()
+        raise
     if not bound:
-        raise TransportError(f"cannot listen on {address} (address in use or not local?)")
-    server.start()
+        loop.close()
+        compute.shutdown(wait=False)
+        status_pool.shutdown(wait=False)
+        raise TransportError(
+            f"cannot listen on {address}: the port is in use (another server?) or the address "
+            "is not local; pick another --port or stop the other server"
+        )
     log.info(
-        "serving on %s (tls=%s, mtls=%s, tokens=%s, max message %d bytes)",
+        "serving on %s (tls=%s, mtls=%s, tokens=%s, max message %d bytes, %s)",
         _join_host_port(host, bound), tls.cert is not None, tls.ca is not None,
-        "on" if tokens is not None else "off", max_message_bytes,
+        "on" if table is not None else "off", max_message_bytes, limits,
     )
     return RunningServer(
         server=server, host=host, port=bound, tls=tls.cert is not None,
-        authenticated=tokens is not None,
+        authenticated=table is not None, _loop=loop, _pools=(compute, status_pool),
     )

@@ -16,7 +16,7 @@ import pytest
 
 from edgesplit.errors import ProtocolError, TransportError
 from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy, fetch_status
-from edgesplit.transport.grpc_server import RunningServer, serve_handler
+from edgesplit.transport.grpc_server import RunningServer, SessionLimits, serve_handler
 from edgesplit.wire.messages import Kind, Message, error_message
 
 TOKENS = {"alice": "tok-alice-0123456789", "bob": "tok-bob-0123456789ab"}
@@ -309,10 +309,11 @@ def test_closed_transport_refuses(server: RunningServer) -> None:
 
 
 def test_full_server_is_retried_until_a_slot_frees(caplog: pytest.LogCaptureFixture) -> None:
-    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=TOKENS, max_workers=1)
+    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=TOKENS,
+                        limits=SessionLimits(max_sessions=1))
     try:
         first = connect(srv)
-        first.request(forward(1, np.ones(2), np.ones(2)))  # holds the only worker
+        first.request(forward(1, np.ones(2), np.ones(2)))  # holds the only session slot
         second = connect(srv, TOKENS["bob"])
         closer = threading.Timer(0.3, first.close)
         closer.start()

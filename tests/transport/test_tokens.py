@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgesplit.errors import ConfigError
-from edgesplit.transport.grpc_server import TokenAuthInterceptor
+from edgesplit.transport.grpc_server import TokenTable
 from edgesplit.transport.tokens import (
     check_token,
     generate_token,
@@ -89,10 +89,10 @@ def test_generate_token_is_valid_and_unique() -> None:
 
 def test_interceptor_refuses_shared_or_empty_tables() -> None:
     with pytest.raises(ConfigError, match="share a token"):
-        TokenAuthInterceptor({"a": "same-token-123", "b": "same-token-123"})
+        TokenTable({"a": "same-token-123", "b": "same-token-123"})
     with pytest.raises(ConfigError, match="at least one"):
-        TokenAuthInterceptor({})
-    auth = TokenAuthInterceptor({"a": "token-of-a-12345", "b": "token-of-b-12345"})
+        TokenTable({})
+    auth = TokenTable({"a": "token-of-a-12345", "b": "token-of-b-12345"})
     assert auth.client_for("token-of-b-12345") == "b"
     assert auth.client_for("token-of-b-1234") is None
     assert auth.client_for(None) is None
