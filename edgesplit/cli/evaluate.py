@@ -76,7 +76,17 @@ def add_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatter] | 
     g.add_argument("--feature-split", default=None,
                    help="vertical: feature blocks per party, e.g. 0:10,10:30")
 
+    g.add_argument("--defense", default=None,
+                   help="privacy defenses at the cut, joined by '+': noise:SIGMA[:CLIP], "
+                        "nopeek:ALPHA, gradnoise:SIGMA (see docs/privacy.md)")
+
     g = p.add_argument_group("how to judge it")
+    g.add_argument("--privacy", action="store_true",
+                   help="per cut x codec (first seed only): inversion attack (MSE/PSNR/SSIM vs "
+                        "the mean-input baseline), bias-corrected dCor, and norm/cosine "
+                        "label-leak attacks on the returned gradients (max AUC over epochs)")
+    g.add_argument("--privacy-aux", type=float, default=0.2,
+                   help="the inversion attacker's data: this fraction of the training data")
     g.add_argument("--devices", default=None,
                    help="comma-separated device profiles (names in devices/ or .toml paths); "
                         "default: every client profile in devices/")
@@ -150,7 +160,8 @@ def to_sweep_args(args: argparse.Namespace) -> Any:
         max_drop=args.max_drop, objective=args.objective, latency_mode=args.latency_mode,
         latency_batch=args.latency_batch, out=args.out, compare_fl=args.compare_fl,
         fl_clients=_split_ints(args.fl_clients, "--fl-clients"), fl_codec=args.fl_codec,
-        command=command_line(args), fresh=args.fresh,
+        command=command_line(args), fresh=args.fresh, privacy=args.privacy,
+        privacy_aux=args.privacy_aux, defense=args.defense,
     )
 
 
@@ -197,10 +208,13 @@ def command_line(args: argparse.Namespace) -> str:
         ("--links", args.links), ("--server-device", args.server_device),
         ("--host-device", args.host_device), ("--max-drop", args.max_drop),
         ("--objective", args.objective), ("--latency-mode", args.latency_mode),
-        ("--latency-batch", args.latency_batch), ("--out", args.out),
+        ("--latency-batch", args.latency_batch), ("--defense", args.defense),
+        ("--out", args.out),
     ):
         if value is not None:
             parts += [opt, str(value)]
+    if args.privacy:
+        parts += ["--privacy", "--privacy-aux", str(args.privacy_aux)]
     if args.compare_fl:
         parts += ["--compare-fl", "--fl-clients", str(args.fl_clients)]
         if args.fl_codec:
@@ -266,11 +280,28 @@ def _print_summary(doc: dict[str, Any], out: Any, trained: int, reused: int) -> 
                      str(r.get("codec") or "—"), "—" if lat is None else f"{lat:,.1f}",
                      "" if r.get("found") else str(r.get("reason")))
     console.print(recs)
+    if any("privacy" in r for r in doc.get("rows", [])):
+        _print_privacy(console, doc)
     console.print(f"cells trained {trained}, reused from cache {reused}")
     console.print(f"wrote {out}/results.json, results.csv, report.md, accuracy_vs_bytes.png, "
                   f"latency.png")
     if sys.stdout.isatty():
         console.print(f"open {out}/report.md for the full report")
+
+
+def _print_privacy(console: Any, doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="privacy (first seed per cell; see report.md)")
+    for col in ("cut", "codec", "PSNR dB", "mean-input dB", "SSIM", "dCor", "label AUC"):
+        table.add_column(col)
+    for r in doc.get("rows", []):
+        p = r.get("privacy") or {}
+        table.add_row(str(r["cut"]), str(r["codec"]), _fmt(p.get("inversion_psnr_db"), 1, 1),
+                      _fmt(p.get("mean_baseline_psnr_db"), 1, 1),
+                      _fmt(p.get("inversion_ssim"), 1, 3), _fmt(p.get("dcor"), 1, 3),
+                      _fmt(p.get("label_auc"), 1, 3))
+    console.print(table)
 
 
 def _fmt(value: Any, scale: float, digits: int) -> str:

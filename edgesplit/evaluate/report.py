@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgesplit.evaluate import privacy_report
+
 #: Output file names, in ``--out``.
 FILES = {
     "json": "results.json",
@@ -61,6 +63,7 @@ def write_report(doc: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]
     write_csv(doc, paths["csv"])
     plot_accuracy_vs_bytes(doc, paths["accuracy_plot"])
     plot_latency(doc, paths["latency_plot"])
+    paths.update(privacy_report.write(doc, out))
     write_markdown(doc, paths["markdown"])
     return paths
 
@@ -75,8 +78,10 @@ def write_csv(doc: Mapping[str, Any], path: Path) -> None:
     when infeasible)."""
     rows = list(doc.get("rows", []))
     pairs = _device_links(doc)
+    private = privacy_report.has_privacy(doc)
     header = [*CSV_FIELDS, "accuracies", "cut_shape",
-              *(f"latency_ms:{d}:{lk}" for d, lk in pairs)]
+              *(f"latency_ms:{d}:{lk}" for d, lk in pairs),
+              *(f"privacy.{k}" for k in (privacy_report.CSV_FIELDS if private else ()))]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -87,6 +92,7 @@ def write_csv(doc: Mapping[str, Any], path: Path) -> None:
                 ";".join(_csv(a) for a in r.get("accuracies") or []),
                 "x".join(str(d) for d in r.get("cut_shape") or []),
                 *(_csv((lat.get(d) or {}).get(lk)) for d, lk in pairs),
+                *(_csv(v) for v in (privacy_report.csv_values(r) if private else ())),
             ])
 
 
@@ -153,6 +159,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         [str(r.get("cut")), f"`{r.get('codec')}`", _pct(r.get("accuracy_mean")),
          _f(r.get("bytes_per_sample"), 1), _f(r.get("ratio_up"), 2)] for r in front
     ]) + ["", f"![accuracy vs bytes]({FILES['accuracy_plot']})", ""]
+    lines += privacy_report.markdown(doc)
 
     recs = list(doc.get("recommendations", []))
     goal = "fewest bytes" if doc.get("objective") == "bytes" else "lowest end-to-end latency"

@@ -50,6 +50,8 @@ DEFAULT_CODECS = ("fp32", "fp16", "q8+zstd", "q4+zstd", "q2+zstd", "q1+zstd", "t
 CACHE_DIR = ".cache"
 #: Bumped when the cache file layout changes (old files are then ignored).
 CACHE_SCHEMA = 1
+#: Bumped when the privacy attacks change what they measure (old privacy files are ignored).
+PRIVACY_SCHEMA = 1
 #: Bytes of one predicted class id (int64) in an inference answer frame.
 PREDICTION_BYTES = 8
 
@@ -87,6 +89,12 @@ class SweepArgs:
     fl_codec: str | None = None
     command: str = ""
     fresh: bool = False
+    #: run the privacy attacks once per cut x codec (:mod:`edgesplit.evaluate.privacy_run`)
+    privacy: bool = False
+    #: the attacker's auxiliary data, as a fraction of the training data
+    privacy_aux: float = 0.2
+    #: privacy defenses at the cut for every cell (:mod:`edgesplit.split.defense`)
+    defense: str | None = None
 
     def seed_values(self) -> list[int]:
         """The training seeds: ``seed, seed + 1, ..., seed + seeds - 1``."""
@@ -109,6 +117,7 @@ class SweepResult:
     trained_cells: int = 0
     cached_cells: int = 0
     elapsed_s: float = 0.0
+    privacy_samples: dict[str, Any] | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -137,6 +146,8 @@ class SweepResult:
         }
         if self.fl_comparison is not None:
             doc["fl_comparison"] = self.fl_comparison.to_json()
+        if self.privacy_samples is not None:
+            doc["privacy_samples"] = self.privacy_samples
         return jsonable(doc)
 
 
@@ -193,6 +204,7 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
     cells = [(cut, codec, seed) for cut in cuts for codec in args.codecs
              for seed in args.seed_values()]
     results: dict[tuple[str, str], list[TrainResult]] = {}
+    leaks: dict[tuple[str, str], dict[str, Any]] = {}
     trained = reused = 0
     with _progress(progress, len(cells)) as advance:
         for cut, codec, seed in cells:
@@ -201,7 +213,16 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
             path = cache / f"{_slug(cut, codec, seed)}-{_digest(key)}.json"
             result = None if args.fresh else load_cell(path, key)
             label = f"{cut} · {codec} · seed {seed}"
-            if result is None:
+            fresh = None
+            if args.privacy and seed == args.seed:
+                # once per cut x codec: the attacked run is also the cell's first seed
+                advance(label + " · privacy", False)
+                leak, fresh = _privacy_cell(args, spec, key, cache, cut, codec, seed, path)
+                leaks[(cut, codec)] = leak
+            if fresh is not None:
+                result = fresh
+                trained += 1
+            elif result is None:
                 advance(label, False)
                 try:
                     result = _as_result(train_fn(spec))
@@ -216,6 +237,9 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
 
     rows = [aggregate(cut, codec, results[(cut, codec)], args)
             for cut in cuts for codec in args.codecs]
+    if args.privacy:
+        for row in rows:
+            row["privacy"] = leaks[(row["cut"], row["codec"])]["metrics"]
     for row in rows:
         add_latency(row, args, devices, links, server, host)
     for row, on in zip(rows, pareto.mark_pareto(rows), strict=True):
@@ -233,11 +257,49 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
         links=links, server=server, host=host, fl_comparison=fl, trained_cells=trained,
         cached_cells=reused, elapsed_s=time.perf_counter() - started,
     )
+    result.privacy_samples = _samples(leaks) if args.privacy else None
     if write_report:
         from edgesplit.evaluate.report import write_report as _write
 
         _write(result.to_json(), out)
     return result
+
+
+def _privacy_cell(args: SweepArgs, spec: TrainSpec, key: dict[str, Any], cache: Path,
+                  cut: str, codec: str, seed: int, cell_path: Path
+                  ) -> tuple[dict[str, Any], TrainResult | None]:
+    """The privacy measurements of one cut x codec, from the cache or by training and
+    attacking its first seed. Returns them and the freshly trained result (``None`` when
+    cached)."""
+    from edgesplit.evaluate.privacy_run import PrivacyOptions, train_and_attack
+
+    options = PrivacyOptions(aux_fraction=args.privacy_aux, seed=seed)
+    pkey = {"cell": key, "options": asdict(options), "schema": PRIVACY_SCHEMA}
+    ppath = cache / f"{_slug(cut, codec, seed)}-{_digest(pkey)}.privacy.json"
+    if not args.fresh:
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(ppath.read_text())
+            if isinstance(doc, dict) and doc.get("key") == pkey and "leak" in doc:
+                return doc["leak"], None
+    try:
+        result, leak = train_and_attack(spec, options)
+    except EdgesplitError as exc:
+        raise type(exc)(f"cut {cut!r}, codec {codec!r}, seed {seed} (privacy): {exc}") from exc
+    save_cell(cell_path, key, result)
+    doc = {"key": pkey, "leak": asdict(leak)}
+    tmp = ppath.with_name(ppath.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, ppath)
+    return doc["leak"], result
+
+
+def _samples(leaks: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """Originals and reconstructions per cut and codec, for the report's image grids."""
+    out: dict[str, Any] = {"originals": {}, "reconstructions": {}}
+    for (cut, codec), leak in leaks.items():
+        out["originals"].setdefault(cut, leak.get("originals"))
+        out["reconstructions"].setdefault(cut, {})[codec] = leak.get("reconstructions")
+    return out
 
 
 def default_train_fn(spec: TrainSpec) -> TrainResult:
@@ -282,6 +344,14 @@ def _validate(args: SweepArgs) -> None:
         raise ConfigError(f"--max-drop must be >= 0 points, got {args.max_drop}")
     if any(k < 1 for k in args.fl_clients):
         raise ConfigError(f"--fl-clients must all be >= 1, got {args.fl_clients}")
+    if args.privacy and not 0 < args.privacy_aux < 1:
+        raise ConfigError(f"--privacy-aux must be a fraction in (0, 1), got {args.privacy_aux}")
+    if args.defense is not None:
+        try:
+            from edgesplit.split.defense import parse_defense
+        except ImportError as exc:   # the training extra is not installed
+            raise ConfigError(f"--defense needs the training extra ({exc})") from None
+        parse_defense(args.defense)
     if args.fl_codec is not None and args.fl_codec not in args.codecs:
         raise ConfigError(f"--fl-codec {args.fl_codec!r} is not one of the swept codecs "
                           f"({', '.join(args.codecs)})")
@@ -313,6 +383,7 @@ def make_spec(args: SweepArgs, cut: str, codec: str, seed: int) -> TrainSpec:
         data=args.data, config=args.config, clients=args.clients, model=args.model, cut=cut,
         codec=act, grad_codec=grad or args.grad_codec, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=seed, feature_split=args.feature_split,
+        defense=args.defense,
     )
 
 

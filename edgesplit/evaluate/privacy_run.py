@@ -1,0 +1,295 @@
+"""Run the privacy attacks of one sweep cell (``edgesplit evaluate --privacy``).
+
+One training run per cut x codec (the cell's first seed) goes through the real engine with a
+transport that records, next to every training step, the cut gradient the server returned as
+the client decodes it (after the gradient codec). Then, on the trained client segment:
+
+* **inversion** -- the attacker (the server, or anyone who reads the uplink) holds an auxiliary
+  sample of the input distribution (``aux_fraction`` of the training data), runs it through
+  the trained client segment and the cell's codec, and trains an MLP decoder from the decoded
+  cut tensors back to the inputs; it is scored on the held-out test inputs next to the
+  *mean-input baseline* (predicting the auxiliary mean for every input);
+* **dependence** -- bias-corrected dCor between test inputs and their decoded cut tensors, with
+  the same statistic against Gaussian noise of the cut's width as its noise floor;
+* **label leakage** -- norm and cosine attacks on the recorded gradients of every party that
+  receives gradients (:mod:`edgesplit.evaluate.privacy`), per epoch, maximum over epochs.
+
+Inputs are scored after a per-feature min-max normalisation fitted on the attacker's data
+(what the attacker can know), so PSNR and SSIM use a peak of 1 (for digits that is pixel / 16).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgesplit.errors import ConfigError
+from edgesplit.evaluate import privacy
+from edgesplit.train.spec import TrainResult, TrainSpec
+from edgesplit.transport.base import Handler, Transport
+from edgesplit.transport.inprocess import InProcessTransport
+from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.messages import Kind, Message
+
+#: Reconstructions kept per cell for the report's image grid.
+GRID_SAMPLES = 8
+
+
+@dataclass
+class PrivacyOptions:
+    """How hard the attacker tries (the defaults keep ``--privacy`` within 2x of a sweep)."""
+
+    aux_fraction: float = 0.2
+    decoder_hidden: int = 256
+    decoder_steps: int = 100
+    decoder_lr: float = 3e-3
+    dcor_samples: int = 300
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 < self.aux_fraction < 1:
+            raise ConfigError(f"--privacy-aux must be in (0, 1), got {self.aux_fraction}")
+        if self.decoder_steps < 1 or self.decoder_hidden < 1:
+            raise ConfigError("the inversion decoder needs >= 1 step and >= 1 hidden unit")
+        if self.dcor_samples < 4:
+            raise ConfigError(f"dCor needs >= 4 samples, got {self.dcor_samples}")
+
+
+@dataclass
+class CellPrivacy:
+    """What the attacks measured on one cell; :meth:`row` goes into ``results.json``."""
+
+    metrics: dict[str, Any]
+    originals: list[list[float]] = field(default_factory=list)   # normalised test inputs
+    reconstructions: list[list[float]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return dict(self.metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording the gradients a client receives
+
+
+class GradientLog:
+    """Per epoch, per client name: the ``(gradient, labels or None)`` of every training step."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._lock = threading.Lock()
+        self.steps: list[dict[str, list[tuple[np.ndarray, np.ndarray | None]]]] = [{}]
+
+    def next_epoch(self) -> None:
+        with self._lock:
+            self.epoch += 1
+            self.steps.append({})
+
+    def add(self, client: str, grad: np.ndarray, labels: np.ndarray | None) -> None:
+        with self._lock:
+            self.steps[self.epoch].setdefault(client, []).append((grad, labels))
+
+    def batches(self, label_holder: str, receivers: list[str]
+                ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per epoch, the receivers' ``(gradient, labels)`` batches; a receiver that sent no
+        labels (a vertical passive party) is paired with the label holder's i-th batch."""
+        out = []
+        for epoch in self.steps:
+            holder = epoch.get(label_holder, [])
+            batches = []
+            for name in receivers:
+                for i, (grad, labels) in enumerate(epoch.get(name, [])):
+                    if labels is None and i < len(holder):
+                        labels = holder[i][1]
+                    if labels is not None and len(labels) == len(grad):
+                        batches.append((grad, labels))
+            if batches:
+                out.append(batches)
+        return out
+
+
+class RecordingTransport:
+    """An in-process transport that also logs each training gradient the server returns."""
+
+    def __init__(self, handler: Handler, name: str, log: GradientLog) -> None:
+        self.inner = InProcessTransport(handler)
+        self.name = name
+        self.log = log
+
+    def request(self, message: Message) -> Message:
+        reply = self.inner.request(message)
+        if (message.kind == Kind.FORWARD and message.meta.get("train")
+                and reply.kind == Kind.GRADIENT and "grad" in reply.tensors):
+            labels = (np.asarray(decode_frame(message.tensors["labels"])).astype(np.int64)
+                      if "labels" in message.tensors else None)
+            grad = np.asarray(decode_frame(reply.tensors["grad"]), dtype=np.float32)
+            self.log.add(self.name, grad, labels)
+        return reply
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+
+
+def train_and_attack(spec: TrainSpec, options: PrivacyOptions | None = None
+                     ) -> tuple[TrainResult, CellPrivacy]:
+    """Train ``spec`` once while recording gradients, then run every attack on it."""
+    from edgesplit.train.engine import run_training
+
+    options = options or PrivacyOptions()
+    options.validate()
+    log = GradientLog()
+
+    def factory(handler: Handler, name: str) -> Transport:
+        return RecordingTransport(handler, name, log)
+
+    trained = run_training(spec, transport_factory=factory,
+                           on_epoch=lambda *_: log.next_epoch())
+    started = time.perf_counter()
+    result = trained.result
+    metrics: dict[str, Any] = {}
+    inv = invert(trained, options)
+    metrics.update(inv.metrics)
+    metrics.update(_label_metrics(trained, log))
+    metrics["attack_seconds"] = time.perf_counter() - started
+    metrics["attacked_seed"] = spec.seed
+    inv.metrics = metrics
+    return result, inv
+
+
+def _label_metrics(trained: Any, log: GradientLog) -> dict[str, Any]:
+    spec = trained.spec
+    names = [f"client-{i}" for i in range(len(trained.client_segments))]
+    if spec.config == "ushape":
+        # the client holds the labels and the head: no party receives gradients without them
+        return {"label_norm_auc": None, "label_cosine_auc": None, "label_auc": None,
+                "label_auc_note": "ushape: labels never leave the client"}
+    receivers = names[1:] if spec.config == "vertical" else names
+    leak = privacy.label_leak(log.batches(names[0], receivers), trained.dataset.num_classes)
+    return {
+        "label_norm_auc": leak.norm_auc,
+        "label_cosine_auc": leak.cosine_auc,
+        "label_auc": leak.label_auc,
+        "label_norm_auc_per_epoch": leak.norm_auc_per_epoch,
+        "label_cosine_auc_per_epoch": leak.cosine_auc_per_epoch,
+        "label_parties": receivers,
+    }
+
+
+def invert(trained: Any, options: PrivacyOptions) -> CellPrivacy:
+    """Inversion and dCor on a trained split (a :class:`~edgesplit.train.engine.TrainedSplit`)."""
+    import torch
+
+    spec, data = trained.spec, trained.dataset
+    # the last client holds the final weights (vanilla hand-off); vertical: the last party
+    lower = trained.client_segments[-1]
+    x_train, x_test = data.x_train, data.x_test
+    if spec.config == "vertical" and trained.feature_blocks:
+        lo, hi = trained.feature_blocks[-1]
+        x_train, x_test = x_train[..., lo:hi], x_test[..., lo:hi]
+    rng = np.random.default_rng([options.seed, 7])
+    n_aux = max(8, int(round(options.aux_fraction * len(x_train))))
+    aux = rng.choice(len(x_train), size=min(n_aux, len(x_train)), replace=False)
+    x_aux = x_train[aux]
+
+    was_training = lower.training
+    lower.eval()
+    # a defense's noise is on while training: the attacker sees training-time uploads
+    for module in lower.modules():
+        if getattr(module, "is_defense", False):
+            module.train()
+    try:
+        z_aux = cut_tensors(lower, x_aux, spec.codec, spec.batch_size)
+        z_test = cut_tensors(lower, x_test, spec.codec, spec.batch_size)
+    finally:
+        lower.train(was_training)
+
+    lo_f = x_aux.reshape(len(x_aux), -1).min(0)
+    span = x_aux.reshape(len(x_aux), -1).max(0) - lo_f
+    span = np.where(span > 0, span, 1.0)
+
+    def norm(v: np.ndarray) -> np.ndarray:
+        return ((v.reshape(len(v), -1) - lo_f) / span).astype(np.float32)
+
+    t_aux, t_test = norm(x_aux), norm(x_test)
+    recon = fit_decoder(z_aux, t_aux, z_test, options, torch)
+    base = np.broadcast_to(t_aux.mean(0), t_test.shape)
+    shape = privacy.image_shape(x_test.shape[1:])
+    m: dict[str, Any] = {
+        "aux_fraction": options.aux_fraction,
+        "aux_samples": len(aux),
+        "inversion_mse": float(np.mean((recon - t_test) ** 2)),
+        "inversion_psnr_db": privacy.psnr(t_test, recon),
+        "inversion_ssim": privacy.ssim(t_test, recon, shape),
+        "mean_baseline_mse": float(np.mean((base - t_test) ** 2)),
+        "mean_baseline_psnr_db": privacy.psnr(t_test, base),
+        "mean_baseline_ssim": privacy.ssim(t_test, base, shape),
+    }
+    m["inversion_gain_db"] = m["inversion_psnr_db"] - m["mean_baseline_psnr_db"]
+    sub = rng.choice(len(x_test), size=min(options.dcor_samples, len(x_test)), replace=False)
+    xs, zs = x_test[sub].reshape(len(sub), -1), z_test[sub].reshape(len(sub), -1)
+    m["dcor"] = privacy.dcor_unbiased(xs, zs)
+    m["dcor_biased"] = privacy.dcor_biased(xs, zs)
+    noise = rng.standard_normal(zs.shape)
+    m["dcor_noise_floor"] = privacy.dcor_unbiased(xs, noise)
+    m["dcor_biased_noise_floor"] = privacy.dcor_biased(xs, noise)
+    k = min(GRID_SAMPLES, len(t_test))
+    return CellPrivacy(m, t_test[:k].round(4).tolist(),
+                       np.clip(recon[:k], 0, 1).round(4).tolist())
+
+
+def cut_tensors(lower: Any, x: np.ndarray, codec: str, batch_size: int) -> np.ndarray:
+    """What the server decodes: ``lower(x)`` through ``codec``, encoded batch by batch as in
+    training (a codec's scales are per frame)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            act = lower(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])))
+            frame = encode_frame(act.numpy().astype(np.float32), codec)
+            out.append(np.asarray(decode_frame(frame), dtype=np.float32))
+    return np.concatenate(out)
+
+
+def fit_decoder(z_aux: np.ndarray, t_aux: np.ndarray, z_test: np.ndarray,
+                options: PrivacyOptions, torch: Any) -> np.ndarray:
+    """Train an MLP ``cut -> input`` on the attacker's pairs; return its test reconstructions.
+
+    Full-batch Adam on standardised cut tensors: a few hundred steps of a 2-hidden-layer MLP
+    take well under a second on a few hundred samples.
+    """
+    from torch import nn
+
+    za = z_aux.reshape(len(z_aux), -1)
+    mu, sd = za.mean(0), za.std(0) + 1e-6
+    gen = torch.Generator().manual_seed(options.seed)
+    h = options.decoder_hidden
+    dec = nn.Sequential(nn.Linear(za.shape[1], h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                        nn.Linear(h, t_aux.shape[1]))
+    with torch.no_grad():
+        for p in dec.parameters():   # seeded init, independent of the global torch RNG
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            p.uniform_(-bound, bound, generator=gen)
+    opt = torch.optim.Adam(dec.parameters(), lr=options.decoder_lr)
+    zin = torch.from_numpy(((za - mu) / sd).astype(np.float32))
+    target = torch.from_numpy(t_aux)
+    for _ in range(options.decoder_steps):
+        opt.zero_grad(set_to_none=True)
+        loss = ((dec(zin) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    zt = torch.from_numpy(((z_test.reshape(len(z_test), -1) - mu) / sd).astype(np.float32))
+    with torch.no_grad():
+        return dec(zt).numpy()
+
+
+def options_json(options: PrivacyOptions) -> dict[str, Any]:
+    return asdict(options)
