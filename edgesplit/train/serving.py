@@ -106,6 +106,8 @@ class StateStore:
                 log.warning("state file %s is not usable: %s", path, exc)
                 continue
             self._restore(path, saved)
+            if path == self.path:
+                self._check_fallback()
             if problems:
                 log.warning(
                     "falling back to the previous good state %s (%s)", path, "; ".join(problems)
@@ -146,6 +148,20 @@ class StateStore:
                 f"cannot restore server state from {path}: {exc}; pass another --state DIR "
                 "(or move this one away) to start fresh"
             ) from None
+
+    def _check_fallback(self) -> None:
+        # The newest state is good, but a damaged fallback would only be found when it is
+        # needed; say so now (the next save replaces it).
+        prev = previous_path(self.path)
+        if not prev.exists():
+            return
+        try:
+            read_checked(prev)
+        except StateFileError as exc:
+            log.warning(
+                "the fallback state file is not usable (%s); using %s, and the next save "
+                "replaces the fallback", exc, self.path,
+            )
 
     @staticmethod
     def _set_aside(bad: Path) -> None:

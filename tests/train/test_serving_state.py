@@ -122,3 +122,16 @@ def test_cli_refuses_in_one_line_when_nothing_is_good(
     assert rc == 2
     assert err[-1].startswith("edgesplit serve: error: cannot restore server state")
     assert "Traceback" not in "\n".join(err) and "Errno" not in err[-1]
+
+
+def test_corrupt_fallback_is_reported_while_the_newest_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, at7 = _two_saves(tmp_path)
+    _flip(tmp_path / (STATE_FILE + ".prev"))
+    fresh = _server()
+    with caplog.at_level(logging.WARNING):
+        assert StateStore(tmp_path, fresh).load()
+    assert fresh.steps_applied == 7 and torch.equal(_first_weight(fresh), at7)
+    assert "fallback state file is not usable" in caplog.text
+    assert "server-state.pt.prev is corrupt" in caplog.text
