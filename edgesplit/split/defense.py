@@ -77,7 +77,7 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ab = (a * b).mean()
     aa, bb = (a * a).mean(), (b * b).mean()
     denom = torch.sqrt(aa * bb)
-    if float(denom) <= 0:
+    if float(denom.detach()) <= 0:
         return torch.zeros((), dtype=x.dtype)
     return torch.sqrt(torch.clamp(ab, min=0) / denom + 1e-12)
 
