@@ -170,9 +170,31 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     g.add_argument("--clients", type=_positive, default=None, metavar="N",
                    help="number of clients taking part (default: the server's)")
     g.add_argument("--epochs", type=_positive, default=None,
-                   help="passes over this client's data (default: the server's --epochs)")
+                   help="passes over this client's data (default: the server's --epochs; on-device "
+                   "training of a trainable bundle: 1)")
     g.add_argument("--from", dest="source", metavar="CHECKPOINT", default=None,
                    help="initial weights of the lower layers (a checkpoint directory)")
+    t = p.add_argument_group(
+        "on-device training (a bundle exported with --trainable; no torch needed)",
+        "With --mode train, a trainable bundle trains its own layers on this device from the "
+        "gradients the server returns (ONNX forward/backward graphs + a numpy optimizer), then "
+        "reports the test accuracy (x_test/y_test of the .npz).",
+    )
+    t.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="numpy optimizer (sgd has momentum, like the torch client's)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the one the model was trained with; adam 1e-3)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    t.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    t.add_argument("--state", metavar="DIR", default=None,
+                   help="checkpoint parameters, optimizer state and position here (atomic); "
+                   "an existing state is resumed after a reboot")
+    t.add_argument("--checkpoint-every", type=_positive, default=1, metavar="STEPS",
+                   help="steps between checkpoints (each epoch's end is always saved)")
+    t.add_argument("--save-bundle", metavar="DIR", default=None,
+                   help="write the trained client as an ordinary inference bundle")
+    t.add_argument("--frozen", action="store_true",
+                   help="train mode with a trainable bundle, but keep its layers frozen")
     p.set_defaults(run=run)
 
 
@@ -196,6 +218,8 @@ def run_edge(args: argparse.Namespace) -> int:
         raise ConfigError("--bundle DIR is required (the directory `edgesplit export` wrote); "
                           "or pass --trainable for a torch client")
     bundle = load_bundle(args.bundle)
+    if args.mode == "train" and not args.frozen and "trainable" in bundle.manifest:
+        return run_edge_train(args, bundle)
     x, y = load_client_data(args.data, args.mode)
     if args.shard is not None:
         keep = iid_shard_indices(len(x), *args.shard)
@@ -218,6 +242,62 @@ def run_edge(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print_report(report, args.server)
+    return 0
+
+
+def run_edge_train(args: argparse.Namespace, bundle: Any) -> int:
+    """On-device training of a trainable bundle (torch-free), then test accuracy."""
+    from edgesplit.data import iid_shard_indices
+    from edgesplit.edge.optim import make_optimizer
+    from edgesplit.edge.trainer import EdgeTrainer, load_trainable
+
+    model = load_trainable(bundle)
+    x, y = load_client_data(args.data, "train")
+    x_test, y_test = load_client_data(args.data, "infer")
+    if args.shard is not None:
+        keep = iid_shard_indices(len(x), *args.shard)
+        x, y = x[keep], (y[keep] if y is not None else None)
+    if args.limit is not None:
+        x, y = x[: args.limit], (y[: args.limit] if y is not None else None)
+    default_lr = 1e-3 if args.optimizer == "adam" else float(
+        (model.section.get("optimizer") or {}).get("lr", 0.02))
+    optimizer = make_optimizer(args.optimizer, args.lr if args.lr is not None else default_lr,
+                               args.momentum)
+    with open_transport(args) as transport:
+        trainer = EdgeTrainer(model, transport, optimizer=optimizer, codec=args.codec,
+                              batch_size=args.batch_size, seed=args.seed, session=args.session,
+                              state_dir=args.state, checkpoint_every=args.checkpoint_every)
+        x, y = trainer.check_data(x, y)
+        has_test = y_test is not None and x_test is not x
+        report = trainer.fit(x, y, epochs=args.epochs or 1,
+                             x_test=x_test if y_test is not None else None, y_test=y_test,
+                             progress=not args.json, save_bundle=args.save_bundle)
+    out = report.to_json()
+    out["accuracy_on"] = "test" if has_test else "train"
+    out["server"] = args.server
+    out["data"] = args.data
+    if args.json:
+        from edgesplit.cli.common import print_json
+
+        print_json(out)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"on-device training · bundle {report.bundle} ({report.config}) · "
+                  f"{report.optimizer['name']} lr {report.optimizer['lr']:g}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    acc = "—" if report.accuracy is None else f"{report.accuracy:.4f} ({out['accuracy_on']})"
+    for key, value in (("epochs / steps", f"{report.epochs} / {report.steps}"),
+                       ("accuracy after training", acc),
+                       ("server loss (last epoch)", f"{report.loss}"),
+                       ("bytes up / down", f"{report.bytes_up} / {report.bytes_down}"),
+                       ("ms per step", f"{report.latency_ms.get('total', 0.0):.2f}"),
+                       ("peak RSS (MiB)", f"{report.peak_rss_mib:.1f}"),
+                       ("saved bundle", report.saved_bundle or "—")):
+        table.add_row(key, value)
+    Console().print(table)
     return 0
 
 
