@@ -112,3 +112,56 @@ def serve() -> Iterator[Callable[[Exported], Served]]:
     yield start
     for running in started:
         running.stop(None)
+
+
+@dataclass
+class TrainableExport:
+    """A 1-epoch vanilla digits checkpoint exported with ``export_trainable``, its data."""
+
+    checkpoint: Path
+    bundle: Path
+    npz: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def trainable(tmp_path_factory: pytest.TempPathFactory) -> TrainableExport:
+    """vanilla digits MLP trained 1 epoch (≈0.77 test accuracy), exported trainable."""
+    from edgesplit.onnx_export.trainable import export_trainable
+
+    root = tmp_path_factory.mktemp("edge-trainable")
+    trained = run_training(TrainSpec(epochs=1, seed=0))
+    ckpt = save_checkpoint(root / "ckpt", trained)
+    bundle = root / "digits-trainable"
+    export_trainable(SplitModel.from_checkpoint(load_checkpoint(ckpt)), bundle)
+    data = trained.dataset
+    npz = root / "digits.npz"
+    np.savez(npz, x=data.x_train, y=data.y_train, x_test=data.x_test, y_test=data.y_test)
+    return TrainableExport(ckpt, bundle, npz, data.x_train, data.y_train, data.x_test,
+                           data.y_test)
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., tuple[SplitServer, RunningServer | None]]]:
+    """``start_server(checkpoint, grpc=True)``: a fresh server for a checkpoint (its spec's
+    lr), behind gRPC on loopback (stopped after the test) or, with ``grpc=False``, not."""
+    started: list[RunningServer] = []
+
+    def start(checkpoint: Path, *, grpc: bool = True
+              ) -> tuple[SplitServer, RunningServer | None]:
+        ckpt = load_checkpoint(checkpoint)
+        engine = SplitServer(ckpt.spec.config, ckpt.parts.server, codec=ckpt.spec.codec,
+                             grad_codec=ckpt.spec.grad_codec, lr=ckpt.spec.lr)
+        if not grpc:
+            return engine, None
+        running = serve_handler(engine.handle, port=0, tokens=TOKENS, status=engine.status,
+                                max_workers=4)
+        started.append(running)
+        return engine, running
+
+    yield start
+    for running in started:
+        running.stop(None)

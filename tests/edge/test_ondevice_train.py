@@ -1,0 +1,224 @@
+"""On-device training of a trainable bundle: ONNX backward graph + numpy optimizer, no torch.
+
+The client side of the parity and gRPC tests runs in a subprocess where ``import torch`` (and
+onnx, scikit-learn) raises ImportError, as on a device; the server runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgesplit.edge.bundle import load_bundle
+from edgesplit.edge.optim import SGD, Adam, make_optimizer
+from edgesplit.edge.runtime import EdgeClient
+from edgesplit.edge.trainer import STATE_FILE, EdgeTrainer, load_state, load_trainable
+from edgesplit.errors import ConfigError, TransportError
+from edgesplit.train.checkpoint import load_checkpoint
+from edgesplit.train.client import SplitClient
+from edgesplit.transport.grpc_client import GrpcTransport
+from edgesplit.transport.inprocess import InProcessTransport
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCK = """
+import sys
+BLOCKED = ("torch", "onnx", "onnxscript", "sklearn", "matplotlib")
+for name in BLOCKED:
+    sys.modules[name] = None
+"""
+CHECK_BLOCKED = """
+loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in BLOCKED)
+if loaded:
+    print("loaded:", loaded, file=sys.stderr)
+    sys.exit(3)
+"""
+#: One epoch of the torch-free trainer over gRPC; writes its final parameters to argv[4].
+EDGE_EPOCH = BLOCK + """
+import numpy as np
+from edgesplit.edge.trainer import EdgeTrainer, load_trainable
+from edgesplit.transport.grpc_client import GrpcTransport
+bundle, address, npz, out = sys.argv[1:5]
+data = np.load(npz)
+model = load_trainable(bundle)
+with GrpcTransport(address, sys.argv[5]) as transport:
+    EdgeTrainer(model, transport, seed=0).fit(data["x"], data["y"], epochs=1)
+np.savez(out, **model.parameters())
+""" + CHECK_BLOCKED
+CLI = BLOCK + """
+from edgesplit.cli.main import main
+code = main(sys.argv[1:])
+""" + CHECK_BLOCKED + "sys.exit(code)\n"
+
+
+def _python(code: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_one_epoch_equals_the_torch_client(trainable, start_server, token, tmp_path):
+    """Same initialisation, same batches, same lr/momentum: the torch-free client (torch
+    unimportable) and the torch client end one epoch with the same weights."""
+    ckpt = load_checkpoint(trainable.checkpoint)
+    initial = {n: p.detach().clone() for n, p in ckpt.parts.lowers[0].named_parameters()}
+
+    engine, running = start_server(trainable.checkpoint)
+    assert running is not None
+    out = tmp_path / "edge-params.npz"
+    done = _python(EDGE_EPOCH, str(trainable.bundle), running.address, str(trainable.npz),
+                   str(out), token)
+    assert done.returncode == 0, done.stderr[-3000:]
+    edge = dict(np.load(out))
+
+    # the torch client: the order EdgeTrainer.epoch_order(n, 0) gives for seed 0
+    torch_engine, _ = start_server(trainable.checkpoint, grpc=False)
+    lower = ckpt.parts.lowers[0]
+    client = SplitClient("edge", lower, InProcessTransport(torch_engine.handle),
+                         codec=ckpt.spec.codec, grad_codec=ckpt.spec.grad_codec,
+                         num_classes=10, lr=ckpt.spec.lr, momentum=0.9)
+    n = len(trainable.y_train)
+    order = np.random.default_rng([0, 0]).permutation(n)
+    for start in range(0, n, 32):
+        rows = order[start:start + 32]
+        client.train_step(torch.from_numpy(trainable.x_train[rows]),
+                          torch.from_numpy(trainable.y_train[rows]))
+    assert engine.steps_applied == torch_engine.steps_applied == -(-n // 32)
+
+    for name, param in lower.named_parameters():
+        moved = float((param.detach() - initial[name]).abs().max())
+        assert moved > 1e-3, f"{name} did not train"
+        diff = float(np.abs(edge[name] - param.detach().numpy()).max())
+        assert diff <= 1e-5, f"{name}: torch-free and torch clients differ by {diff:.2e}"
+
+
+def test_cli_trains_over_grpc_to_093_and_writes_back_a_bundle(trainable, start_server, token,
+                                                             tmp_path):
+    """`edgesplit client --mode train` with a trainable bundle, torch unimportable: the device
+    receives gradients, reaches ≥ 0.93 test accuracy, reports its RSS, checkpoints its state,
+    and the trained client written back is an ordinary bundle giving the same accuracy."""
+    engine, running = start_server(trainable.checkpoint)
+    assert running is not None
+    saved = tmp_path / "trained"
+    done = _python(CLI, "client", "--bundle", str(trainable.bundle), "--server",
+                   running.address, "--token", token, "--data", str(trainable.npz),
+                   "--mode", "train", "--epochs", "3", "--json", "--state",
+                   str(tmp_path / "state"), "--checkpoint-every", "10", "--save-bundle",
+                   str(saved))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["accuracy"] >= 0.93, report["accuracy"]
+    assert report["accuracy_on"] == "test" and report["test_samples"] == len(
+        trainable.y_test)
+    assert report["bytes_down"] > 0 and report["steps"] == 3 * -(-len(trainable.y_train)
+                                                                  // 32)
+    assert 0 < report["peak_rss_mib"] < 250   # a torch client needs > 300 MiB
+    arrays, meta = load_state(tmp_path / "state") or ({}, {})
+    assert meta["epoch"] == 3 and meta["batch"] == 0 and "momentum_0" in arrays
+
+    # the written-back bundle is an ordinary one: the frozen edge client infers with it
+    bundle = load_bundle(saved)
+    assert "trainable" not in bundle.manifest
+    with GrpcTransport(running.address, token) as transport:
+        infer = EdgeClient(bundle, transport, mode="infer").run(
+            trainable.x_test, trainable.y_test, progress=False)
+    assert infer.accuracy == pytest.approx(report["accuracy"])
+
+
+class _Flaky:
+    """A transport that fails (before delivering) on its ``fail_at``-th request."""
+
+    def __init__(self, handler, fail_at: int) -> None:
+        self.inner = InProcessTransport(handler)
+        self.fail_at = fail_at
+        self.count = 0
+
+    def request(self, message):
+        self.count += 1
+        if self.count == self.fail_at:
+            raise TransportError("device rebooted")
+        return self.inner.request(message)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_rebooted_device_resumes_from_its_checkpoint(trainable, start_server, tmp_path):
+    """A run cut off mid-epoch and resumed from --state ends where an uninterrupted run does."""
+    x, y = trainable.x_train, trainable.y_train
+    engine, _ = start_server(trainable.checkpoint, grpc=False)
+    state = tmp_path / "state"
+    first = EdgeTrainer(load_trainable(trainable.bundle), _Flaky(engine.handle, 20),
+                        state_dir=state, checkpoint_every=7)
+    with pytest.raises(TransportError):
+        first.fit(x, y, epochs=2)
+    second = EdgeTrainer(load_trainable(trainable.bundle), InProcessTransport(engine.handle),
+                         state_dir=state, checkpoint_every=7)
+    assert second.resumed_from == 14 and second.batch == 14   # the last checkpoint: step 14
+    resumed = second.fit(x, y, epochs=2)
+    # steps 14..18 were applied by the server before the reboot: it answered them from its
+    # records, so nothing was applied twice
+    assert engine.steps_applied == 2 * -(-len(y) // 32)
+    assert resumed.resumed_from == 14
+
+    clean_engine, _ = start_server(trainable.checkpoint, grpc=False)
+    clean = load_trainable(trainable.bundle)
+    EdgeTrainer(clean, InProcessTransport(clean_engine.handle)).fit(x, y, epochs=2)
+    for a, b in zip(second.model.params, clean.params, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_numpy_optimizers_follow_torch():
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal(3).astype(
+        np.float32)]
+    for ours, theirs in ((SGD(0.1, 0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+                         (SGD(0.1, 0.0), lambda p: torch.optim.SGD(p, lr=0.1)),
+                         (Adam(0.01), lambda p: torch.optim.Adam(p, lr=0.01))):
+        mine = [p.copy() for p in params]
+        tparams = [torch.tensor(p, requires_grad=True) for p in params]
+        opt = theirs(tparams)
+        for _ in range(5):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            ours.step(mine, grads)
+            for t, g in zip(tparams, grads, strict=True):
+                t.grad = torch.from_numpy(g.copy())
+            opt.step()
+        for a, t in zip(mine, tparams, strict=True):
+            np.testing.assert_allclose(a, t.detach().numpy(), atol=1e-6)
+    with pytest.raises(ConfigError, match="valid: sgd, adam"):
+        make_optimizer("rmsprop", 0.1)
+    with pytest.raises(ConfigError, match="momentum"):
+        make_optimizer("sgd", 0.1, momentum=1.5)
+
+
+def test_bundles_that_cannot_train_are_refused(trainable, start_server, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(trainable.bundle, plain)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest.pop("trainable")
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="export --trainable"):
+        load_trainable(plain)
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(trainable.bundle, tampered)
+    with open(tampered / "params.npz", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ConfigError, match="sha256 mismatch"):
+        load_trainable(tampered)
+
+    other = tmp_path / "other-state"
+    other.mkdir()
+    (other / STATE_FILE).write_bytes(b"not an npz")
+    engine, _ = start_server(trainable.checkpoint, grpc=False)
+    with pytest.raises(ConfigError, match="unreadable"):
+        EdgeTrainer(load_trainable(trainable.bundle), InProcessTransport(engine.handle),
+                    state_dir=other)
