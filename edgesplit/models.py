@@ -1,8 +1,10 @@
 """Small built-in model families that adapt to the input shape, and loading the user's own.
 
-Every model is an ``nn.Sequential`` with named children, so a cut is simply a child's name.
-A user factory is ``build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module`` in a
-file (``my_models.py:build``) or an importable module (``package.module:build``).
+Every built-in model is an ``nn.Sequential`` with named children, so a cut is simply a child's
+name. A user model may have any traceable forward and is cut at a named module (see
+:mod:`edgesplit.split.cut`). A user factory is
+``build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module`` in a file
+(``my_models.py:build``) or an importable module (``package.module:build``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from edgesplit.errors import ConfigError
+from edgesplit.split.graph import remember_input_shape
 
 FAMILIES = ("mlp", "cnn1d", "cnn2d")
 
@@ -59,7 +62,13 @@ def build_model(
     if model == "cnn2d":
         return cnn2d(input_shape, num_classes)
     if ":" in model:
-        return load_factory(model)(tuple(input_shape), num_classes)
+        built = load_factory(model)(tuple(input_shape), num_classes)
+        if not isinstance(built, nn.Module):
+            raise ConfigError(f"model factory {model!r} returned {type(built).__name__}, not a "
+                              "torch.nn.Module")
+        # a later cut traces forward: shape-dependent branches resolve for this shape
+        remember_input_shape(built, input_shape)
+        return built
     raise ConfigError(
         f"unknown model {model!r}; use auto, {', '.join(FAMILIES)}, or file.py:build / "
         "package.module:build"

@@ -55,7 +55,7 @@ def test_valid_cuts_keep_client_non_trivial():
     assert cuts[0] == "relu1" and "fc2" not in cuts and "conv1" not in cuts
 
 
-def test_non_chain_module_is_refused():
+def test_skip_over_the_cut_is_refused_with_what_crosses():
     class Skip(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -65,5 +65,7 @@ def test_non_chain_module_is_refused():
         def forward(self, x):
             return self.b(self.a(x)) + x
 
-    with pytest.raises(ConfigError, match="not the chain"):
-        check_chain(Skip(), torch.randn(2, 4))
+    model = Skip()
+    check_chain(model, torch.randn(2, 4))   # fx traces it: not refused as a model
+    with pytest.raises(ConfigError, match="the model's input crosses the cut"):
+        cut_model(model, "a")
