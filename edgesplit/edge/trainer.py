@@ -193,8 +193,11 @@ def is_trainable(bundle: Bundle) -> bool:
     return isinstance(bundle.manifest.get("trainable"), dict)
 
 
-def load_trainable(path: str | Path | Bundle) -> TrainableModel:
+def load_trainable(path: str | Path | Bundle, *, intra_op_threads: int | None = None
+                   ) -> TrainableModel:
     """Open a trainable bundle: verify every file's sha256, open its graphs, read the params.
+
+    ``intra_op_threads`` limits the threads ONNX Runtime uses inside one operator.
 
     Raises
     ------
@@ -230,9 +233,13 @@ def load_trainable(path: str | Path | Bundle) -> TrainableModel:
                               f"{bundle.path / name}; export it again")
         return data
 
+    options = ort.SessionOptions()
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+
     def session(data: bytes, what: str) -> Any:
         try:
-            return ort.InferenceSession(data, providers=bundle.providers)
+            return ort.InferenceSession(data, sess_options=options, providers=bundle.providers)
         except Exception as exc:   # onnxruntime's pybind errors have no common base class
             raise ConfigError(f"onnxruntime cannot load the {what} graph of {bundle.name}: "
                               f"{str(exc).strip().splitlines()[0]}") from None
