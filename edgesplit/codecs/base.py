@@ -142,9 +142,16 @@ class ValueStage(Stage):
         cannot follow a sparse stage, whose values are a flat vector."""
         return False
 
+    @property
+    def variable_size(self) -> bool:
+        """True when the payload length depends on the data (entropy coding): then
+        :meth:`encoded_size` is an upper bound and the stage must be alone in its codec."""
+        return False
+
     @abstractmethod
     def encoded_size(self, shape: Shape) -> int:
-        """Exact payload bytes for a tensor of ``shape`` (what the decoder checks against)."""
+        """Exact payload bytes for a tensor of ``shape`` (what the decoder checks against);
+        an upper bound for a :attr:`variable_size` stage."""
 
     @abstractmethod
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Buffer:

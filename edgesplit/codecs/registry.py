@@ -20,6 +20,7 @@ id    name     params in the frame's stage table
 9     q4       u8 flags
 10    q2       u8 flags
 11    q1       u8 flags
+12    fq       u8 bits (1..8), u32 entropy model id (0 = bit-packed)
 16    topk     f64 kept fraction in (0, 1]
 32    zstd     u8 level in 1..22
 ====  =======  =====================================================
@@ -34,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 
 # Importing the stage modules registers the built-in stages (decorators run at import).
-from edgesplit.codecs import fp, quant, topk, zstd_stage  # noqa: F401
+from edgesplit.codecs import fixed, fp, quant, topk, zstd_stage  # noqa: F401
 from edgesplit.codecs.base import (
     REGISTRY,
     Buffer,
@@ -117,6 +118,11 @@ def _check_chain(stages: Sequence[Stage], text: str) -> None:
                 f"{_order_rule()}"
             )
     value = [s for s in stages if isinstance(s, ValueStage)]
+    if value and value[0].variable_size and len(stages) > 1:
+        raise CodecError(
+            f"{value[0].spec()!r} is entropy-coded and must be the only stage of {text!r} "
+            "(no sparse stage before it, no byte stage after it)"
+        )
     if any(isinstance(s, SparseStage) for s in stages) and value and value[0].needs_shape:
         raise CodecError(
             f"{value[0].spec()!r} cannot follow a sparse stage in {text!r}: the kept values are a "

@@ -1,16 +1,21 @@
 """The tensor frame: one encoded tensor as self-describing, checksummed bytes.
 
-Layout (little-endian, version 1)::
+Layout (little-endian). Version 2, what this module writes::
 
-    magic "ESF" | version u8 | dtype u8 | ndim u8 | nstages u8 | shape: ndim x u32
-    stage table: nstages x (stage id u8, param length u16, params)
-    payload length u32 | payload | crc32 u32 (zlib.crc32 over everything before it)
+    magic "ESF" | version u8 = 2 | dtype u8 | ndim u8 | nstages u8 | shape: ndim x uvarint
+    stage table: nstages x (stage id u8, param length uvarint, params)
+    payload length uvarint | payload | crc32 u32 (zlib.crc32 over everything before it)
+
+Version 1 (still read) has the same fields with ``u32`` shape dims and payload length and a ``u16``
+param length. A uvarint is LEB128: 7 bits a byte, low bits first, at most 5 bytes, minimal
+encoding required. Version 2 saves 6-12 bytes a frame — at 100x compression of a 32-sample batch
+that is a quarter of a byte per sample.
 
 * Float tensors (float16/32/64) go through the codec chain named by the stage table; the dtype byte
   records the *source* dtype, and they always decode to **float32**.
-* Integer and bool tensors (labels, class ids) are written raw: empty stage table, payload = the
-  little-endian bytes. The codec passed to :func:`encode_frame` is ignored for them (labels are
-  small and must be exact; a stage table would only cost bytes). They decode to their own dtype.
+* Integer and bool tensors (labels, class ids) are exact: an empty stage table means raw
+  little-endian bytes; one entry ``(40, bits u8)`` means unsigned codes bit-packed at ``bits``
+  (1..8) bits each (labels of 10 classes cost 4 bits). They decode to their own dtype.
 
 The decoder trusts nothing (see :func:`decode_frame`): every failure is a
 :class:`~edgesplit.errors.FrameError` (framing) or :class:`~edgesplit.errors.CodecError` (stage
@@ -28,10 +33,15 @@ import numpy as np
 
 from edgesplit.codecs import Codec, as_codec, stage_by_id
 from edgesplit.codecs.base import Buffer, element_count
+from edgesplit.codecs.fixed import pack_codes, unpack_codes
 from edgesplit.errors import FrameError
 
 MAGIC = b"ESF"
-VERSION = 1
+VERSION = 2
+#: Versions this reader accepts.
+READABLE_VERSIONS = (1, 2)
+#: Stage id of the integer bit-packing entry (integer frames only; not a float codec stage).
+INT_PACK_ID = 40
 MAX_NDIM = 8
 _FIXED = struct.Struct("<3sBBBB")  # magic, version, dtype, ndim, nstages
 _STAGE = struct.Struct("<BH")  # stage id, param length
@@ -134,19 +144,54 @@ class FrameHeader:
         return self.header_length + self.payload_length + _U32.size
 
 
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_uvarint(mv: memoryview, pos: int, what: str) -> tuple[int, int]:
+    """(value, next position) of the LEB128 u32 at ``pos``; minimal encoding required."""
+    value = 0
+    for i in range(5):
+        _need(mv, pos + i, 1, what)
+        byte = mv[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if i and byte == 0:
+                raise FrameError(f"frame {what} is a non-minimal varint")
+            if value > _U32_MAX:
+                raise FrameError(f"frame {what} {value} exceeds {_U32_MAX}")
+            return value, pos + i + 1
+    raise FrameError(f"frame {what} varint is longer than 5 bytes")
+
+
 def encode_frame(
-    x: np.ndarray, codec: Codec | str, *, rng: np.random.Generator | None = None
+    x: np.ndarray,
+    codec: Codec | str,
+    *,
+    rng: np.random.Generator | None = None,
+    int_bits: int | None = None,
 ) -> bytes:
     """Encode one tensor as a frame.
 
     Parameters
     ----------
     x:
-        float16/32/64 tensor (through ``codec``), or integer/bool tensor (raw; ``codec`` ignored).
+        float16/32/64 tensor (through ``codec``), or integer/bool tensor (exact; ``codec`` ignored).
     codec:
         A :class:`~edgesplit.codecs.Codec` or a spec string such as ``"q8+zstd"``.
     rng:
         Generator for stochastic rounding (defaults to the codec's own).
+    int_bits:
+        Integer tensors only: bit-pack non-negative values at this many bits (1..8) instead of
+        writing them raw (labels of ``k`` classes need ``ceil(log2 k)`` bits).
 
     Returns
     -------
@@ -156,7 +201,8 @@ def encode_frame(
     Raises
     ------
     FrameError
-        Unsupported dtype, ndim > 8, a dimension or payload over 2**32 - 1.
+        Unsupported dtype, ndim > 8, a dimension or payload over 2**32 - 1, values that do not
+        fit ``int_bits``.
     CodecError
         A bad spec, or a tensor the codec refuses (NaN/inf, out of range).
     """
@@ -168,19 +214,42 @@ def encode_frame(
         raise FrameError(f"frame ndim {x.ndim} exceeds the maximum {MAX_NDIM}")
     if any(d > _U32_MAX for d in x.shape):
         raise FrameError(f"frame shape {x.shape} has a dimension over {_U32_MAX}")
-    table, payload = as_codec(codec).encode_buffer(x, rng=rng)
+    table: list[tuple[int, bytes]]
+    payload: Buffer
+    if int_bits is not None and x.dtype.kind in "iu":
+        table, payload = [(INT_PACK_ID, bytes([int_bits]))], _pack_ints(x, int_bits)
+    else:
+        table, payload = as_codec(codec).encode_buffer(x, rng=rng)
     if len(payload) > _U32_MAX:
         raise FrameError(f"frame payload of {len(payload)} bytes exceeds the u32 length field")
     parts = [_FIXED.pack(MAGIC, VERSION, code, x.ndim, len(table))]
-    parts.append(struct.pack(f"<{x.ndim}I", *x.shape))
+    parts.extend(_uvarint(d) for d in x.shape)
     for sid, params in table:
-        parts.append(_STAGE.pack(sid, len(params)))
+        parts.append(bytes([sid]))
+        parts.append(_uvarint(len(params)))
         parts.append(params)
-    parts.append(_U32.pack(len(payload)))
+    parts.append(_uvarint(len(payload)))
     head = b"".join(parts)
     # crc over head then payload without first concatenating them (saves a copy of the payload)
     crc = zlib.crc32(payload, zlib.crc32(head))
     return b"".join([head, payload, _U32.pack(crc)])
+
+
+def _pack_ints(x: np.ndarray, bits: int) -> bytes:
+    if not 1 <= bits <= 8:
+        raise FrameError(f"int_bits must be 1..8, got {bits}")
+    if x.size and (int(x.min()) < 0 or int(x.max()) >= 1 << bits):
+        raise FrameError(
+            f"integer values span [{int(x.min())}, {int(x.max())}]; {bits}-bit packing holds "
+            f"0..{(1 << bits) - 1}"
+        )
+    return pack_codes(x.astype(np.uint8), bits)
+
+
+def _unpack_ints(payload: Buffer, header: FrameHeader) -> np.ndarray:
+    bits = header.stages[0].params[0]
+    codes = unpack_codes(payload, bits, header.n_elements)
+    return codes.astype(header.dtype).reshape(header.shape)
 
 
 def _need(mv: memoryview, pos: int, size: int, what: str) -> None:
@@ -201,17 +270,27 @@ def _parse(data: Buffer, limits: FrameLimits) -> tuple[FrameHeader, Codec | None
     magic, version, dcode, ndim, nstages = _FIXED.unpack_from(mv, 0)
     if magic != MAGIC:
         raise FrameError(f"frame magic is {bytes(magic)!r}, expected {MAGIC!r} (not an ESF frame)")
-    if version != VERSION:
-        raise FrameError(f"frame version {version} is not supported (this reader knows {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise FrameError(
+            f"frame version {version} is not supported (this reader knows "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
     dtype = DTYPE_CODES.get(dcode)
     if dtype is None:
         raise FrameError(f"frame dtype code {dcode} is not allowed; allowed: {_allowed()}")
     if ndim > MAX_NDIM:
         raise FrameError(f"frame ndim {ndim} exceeds the maximum {MAX_NDIM}")
     pos = _FIXED.size
-    _need(mv, pos, 4 * ndim, "shape")
-    shape = struct.unpack_from(f"<{ndim}I", mv, pos)
-    pos += 4 * ndim
+    if version == 1:
+        _need(mv, pos, 4 * ndim, "shape")
+        shape = struct.unpack_from(f"<{ndim}I", mv, pos)
+        pos += 4 * ndim
+    else:
+        dims = []
+        for i in range(ndim):
+            d, pos = _read_uvarint(mv, pos, f"shape dim {i}")
+            dims.append(d)
+        shape = tuple(dims)
     # Python ints cannot overflow, so the product is exact however large the dims claim to be;
     # it is checked against the limits before anything is allocated.
     n = element_count(shape)
@@ -236,15 +315,23 @@ def _parse(data: Buffer, limits: FrameLimits) -> tuple[FrameHeader, Codec | None
         )
     table: list[tuple[int, bytes]] = []
     for i in range(nstages):
-        _need(mv, pos, _STAGE.size, f"stage table entry {i}")
-        sid, plen = _STAGE.unpack_from(mv, pos)
-        pos += _STAGE.size
+        if version == 1:
+            _need(mv, pos, _STAGE.size, f"stage table entry {i}")
+            sid, plen = _STAGE.unpack_from(mv, pos)
+            pos += _STAGE.size
+        else:
+            _need(mv, pos, 1, f"stage table entry {i}")
+            sid = mv[pos]
+            plen, pos = _read_uvarint(mv, pos + 1, f"stage {i} param length")
         _need(mv, pos, plen, f"stage {i} params")
         table.append((sid, bytes(mv[pos : pos + plen])))
         pos += plen
-    _need(mv, pos, _U32.size, "payload length")
-    (payload_length,) = _U32.unpack_from(mv, pos)
-    pos += _U32.size
+    if version == 1:
+        _need(mv, pos, _U32.size, "payload length")
+        (payload_length,) = _U32.unpack_from(mv, pos)
+        pos += _U32.size
+    else:
+        payload_length, pos = _read_uvarint(mv, pos, "payload length")
     present = len(mv) - pos - _U32.size
     if present < 0:
         raise FrameError(f"frame is truncated: no room for the 4-byte crc after offset {pos}")
@@ -262,12 +349,24 @@ def _parse(data: Buffer, limits: FrameLimits) -> tuple[FrameHeader, Codec | None
         )
     # Semantics of the stage table: ids, params and order (CodecError names the stage).
     codec: Codec | None = None
+    stages: tuple[StageInfo, ...] = ()
     if raw:
         if table:
-            raise FrameError(
-                f"frame dtype {dtype} travels raw, so its stage table must be empty; it has "
-                f"{len(table)} stages"
+            packed_ints = (
+                version >= 2
+                and dtype.kind in "iu"
+                and len(table) == 1
+                and table[0][0] == INT_PACK_ID
+                and len(table[0][1]) == 1
+                and 1 <= table[0][1][0] <= 8
             )
+            if not packed_ints:
+                raise FrameError(
+                    f"frame dtype {dtype} is exact: its stage table must be empty (raw) or one "
+                    f"entry ({INT_PACK_ID}, bits 1..8) for packed integers; it has {table!r}"
+                )
+            bits = table[0][1][0]
+            stages = (StageInfo(INT_PACK_ID, "bits", table[0][1], f"bits:{bits}"),)
     else:
         if not table:
             raise FrameError(f"frame dtype {dtype} needs a stage table naming its value stage")
@@ -278,11 +377,11 @@ def _parse(data: Buffer, limits: FrameLimits) -> tuple[FrameHeader, Codec | None
                 f"frame codec {codec.spec!r} would inflate shape {shape} to {inner} bytes, over "
                 f"the limit of {limits.max_decoded_bytes}"
             )
-    stages = tuple(
-        StageInfo(sid, stage_by_id(sid).name, params, s.spec())
-        for (sid, params), s in zip(table, codec.stages if codec else (), strict=True)
-    )
-    header = FrameHeader(VERSION, dtype, shape, stages, payload_length, pos)
+        stages = tuple(
+            StageInfo(sid, stage_by_id(sid).name, params, s.spec())
+            for (sid, params), s in zip(table, codec.stages, strict=True)
+        )
+    header = FrameHeader(version, dtype, shape, stages, payload_length, pos)
     return header, codec, mv[pos : pos + payload_length]
 
 
@@ -328,6 +427,8 @@ def decode_frame(data: Buffer, limits: FrameLimits = DEFAULT_LIMITS) -> np.ndarr
     """
     header, codec, payload = _parse(data, limits)
     if codec is None:
+        if header.stages:
+            return _unpack_ints(payload, header)
         return Codec.decode([], payload, header.shape, header.dtype)
     return codec.decode_payload(payload, header.shape, max_inner_bytes=limits.max_decoded_bytes)
 

@@ -90,26 +90,51 @@ def test_layout_byte_for_byte() -> None:
     payload = x.astype("<f4").tobytes()
     body = (
         b"ESF"
-        + bytes([1, 1, 2, 1])  # version, dtype float32, ndim, nstages
-        + struct.pack("<II", 1, 3)
-        + struct.pack("<BH", 1, 0)  # fp32, no params
-        + struct.pack("<I", len(payload))
+        + bytes([2, 1, 2, 1])  # version 2, dtype float32, ndim, nstages
+        + bytes([1, 3])  # shape as uvarints
+        + bytes([1, 0])  # fp32, param length 0
+        + bytes([len(payload)])  # payload length uvarint
         + payload
     )
     assert frame == body + struct.pack("<I", zlib.crc32(body))
-    assert frame == build(shape=(1, 3), payload=payload)
+    # version 1 (u32 fields) still decodes to the same tensor
+    np.testing.assert_array_equal(decode_frame(build(shape=(1, 3), payload=payload)), x)
+
+
+def test_uvarint_fields_above_one_byte() -> None:
+    x = np.zeros((300, 2), dtype=np.float32)
+    frame = encode_frame(x, "fp32")
+    assert frame[7:10] == bytes([0xAC, 0x02, 2])  # 300 = 0b10_0101100
+    assert decode_frame(frame).shape == (300, 2)
+    # a non-minimal varint (300 written with a trailing zero group) is refused
+    bad = with_crc(frame[:7] + bytes([0xAC, 0x82, 0x00]) + frame[9:])
+    with pytest.raises(FrameError, match="non-minimal varint"):
+        decode_frame(bad)
+
+
+def test_packed_integer_frames() -> None:
+    labels = (np.arange(33) % 10).astype(np.uint8)
+    frame = encode_frame(labels, "fp32", int_bits=4)
+    hdr = read_header(frame)
+    assert hdr.payload_length == 17  # 33 codes at 4 bits
+    assert [(s.stage_id, s.spec) for s in hdr.stages] == [(40, "bits:4")]
+    y = decode_frame(frame)
+    assert y.dtype == np.uint8
+    np.testing.assert_array_equal(y, labels)
+    with pytest.raises(FrameError, match="3-bit packing holds 0..7"):
+        encode_frame(labels, "fp32", int_bits=3)
 
 
 def test_layout_with_params() -> None:
     x = activation()
     frame = encode_frame(x, "q4:channel+zstd:3")
     hdr = read_header(frame)
-    assert frame[:7] == b"ESF" + bytes([1, 1, 4, 2])
-    assert struct.unpack_from("<4I", frame, 7) == (2, 3, 4, 5)
-    assert frame[23:27] == struct.pack("<BH", 9, 1) + b"\x01"
-    assert frame[27:31] == struct.pack("<BH", 32, 1) + b"\x03"
-    assert hdr.header_length == 35
-    assert struct.unpack_from("<I", frame, 31)[0] == hdr.payload_length
+    assert frame[:7] == b"ESF" + bytes([2, 1, 4, 2])
+    assert frame[7:11] == bytes([2, 3, 4, 5])
+    assert frame[11:14] == bytes([9, 1, 1])  # q4, 1 param byte, channel flag
+    assert frame[14:17] == bytes([32, 1, 3])  # zstd, 1 param byte, level 3
+    assert hdr.payload_length < 128 and frame[17] == hdr.payload_length
+    assert hdr.header_length == 18
     assert hdr.frame_length == len(frame)
     assert struct.unpack_from("<I", frame, len(frame) - 4)[0] == zlib.crc32(frame[:-4])
 
@@ -117,7 +142,7 @@ def test_layout_with_params() -> None:
 def test_read_header() -> None:
     frame = encode_frame(activation().astype(np.float16), "topk:0.25+q8+zstd")
     hdr = read_header(frame)
-    assert hdr.version == 1
+    assert hdr.version == 2
     assert hdr.dtype == np.float16
     assert hdr.shape == (2, 3, 4, 5)
     assert hdr.n_elements == 120
@@ -155,7 +180,7 @@ def test_label_frames_are_raw(dtype: type) -> None:
         frame = encode_frame(labels, spec)
         hdr = read_header(frame)
         assert hdr.stages == () and hdr.codec == ""
-        assert frame[3:7] == bytes([1, next(c for c, d in DTYPE_CODES.items() if d == dtype), 2, 0])
+        assert frame[3:7] == bytes([2, next(c for c, d in DTYPE_CODES.items() if d == dtype), 2, 0])
         assert hdr.payload_length == labels.nbytes
         start = hdr.header_length
         assert (
@@ -215,7 +240,7 @@ def test_encode_refusals() -> None:
         (b"", FrameError, "truncated in its fixed header"),
         (b"ESF\x01", FrameError, "truncated in its fixed header"),
         (build(magic=b"PNG"), FrameError, r"frame magic is b'PNG', expected b'ESF'"),
-        (build(version=2), FrameError, "frame version 2 is not supported"),
+        (build(version=3), FrameError, "frame version 3 is not supported"),
         (build(version=0), FrameError, "frame version 0 is not supported"),
         (build(dtype=0), FrameError, "frame dtype code 0 is not allowed; allowed: 1=float32"),
         (build(dtype=99), FrameError, "frame dtype code 99 is not allowed"),
@@ -249,7 +274,7 @@ def test_encode_refusals() -> None:
         (build(stages=[(32, b"\x01"), (1, b"")]), CodecError, "cannot follow"),
         (build(stages=[(32, b"\x01")]), CodecError, "names no value stage"),
         (build(stages=[]), FrameError, "needs a stage table naming its value stage"),
-        (build(dtype=23, shape=(1,)), FrameError, "travels raw, so its stage table must be empty"),
+        (build(dtype=23, shape=(1,)), FrameError, "is exact: its stage table must be empty"),
         (build(payload=b"\0" * 7), CodecError, "fp32 payload is 7 bytes; shape \\(2,\\) implies 8"),
         (build(dtype=23, stages=[], shape=(2,)), CodecError, "implies 16"),
         (build(stages=[(8, b"\x00")], payload=b"\0" * 9), CodecError, "q8 payload is 9 bytes"),
