@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -70,6 +69,8 @@ def peak_rss_mib() -> float:
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
+    import resource  # Unix only, hence not at module level
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
