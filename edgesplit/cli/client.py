@@ -266,7 +266,8 @@ def run_edge_train(args: argparse.Namespace, bundle: Any) -> int:
     with open_transport(args) as transport:
         trainer = EdgeTrainer(model, transport, optimizer=optimizer, codec=args.codec,
                               batch_size=args.batch_size, seed=args.seed, session=args.session,
-                              state_dir=args.state, checkpoint_every=args.checkpoint_every)
+                              state_dir=args.state, checkpoint_every=args.checkpoint_every,
+                              index=args.index, clients=args.clients)
         x, y = trainer.check_data(x, y)
         has_test = y_test is not None and x_test is not x
         report = trainer.fit(x, y, epochs=args.epochs or 1,

@@ -314,7 +314,8 @@ class TrainReport:
         ``None`` without test data.
     train_accuracy, loss: the server's accuracy and mean loss on the training batches.
     bytes_up, bytes_down: lengths of every frame sent / received while training
-        (activations + labels up, gradients down); evaluation is counted apart.
+        (activations + labels up, gradients down); evaluation (``bytes_eval``) and splitfed
+        weight averaging (``bytes_weights``) are counted apart.
     latency_ms: mean ms per step: forward, encode, network, decode, backward, update, total.
     peak_rss_mib: peak resident memory of this process.
     resumed_from: the step a saved state resumed from (``None``: a fresh start).
@@ -336,6 +337,7 @@ class TrainReport:
     bytes_down: int = 0
     bytes_up_fp32: int = 0
     bytes_eval: int = 0
+    bytes_weights: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
@@ -369,13 +371,17 @@ class EdgeTrainer(EdgeClient):
         resumed.
     checkpoint_every:
         Steps between checkpoints (the end of every epoch is always saved).
+    index, clients:
+        splitfed: this client's index and the number of clients whose parameters are averaged
+        (FedAvg, weighted by samples) at the end of every epoch; default the server's.
     """
 
     def __init__(self, model: TrainableModel, transport: Transport, *,
                  optimizer: Optimizer | None = None, batch_size: int = 32, seed: int = 0,
                  session: str | None = None, name: str = "edge", group: str = "",
                  codec: str | None = None, state_dir: str | Path | None = None,
-                 checkpoint_every: int = 1) -> None:
+                 checkpoint_every: int = 1, index: int = 0, clients: int | None = None
+                 ) -> None:
         if model.bundle.config == "ushape":
             raise ConfigError("on-device training of a ushape client (its head too) is not "
                               "supported yet; use a vanilla, splitfed or vertical bundle")
@@ -387,6 +393,8 @@ class EdgeTrainer(EdgeClient):
             raise ConfigError(f"checkpoint_every must be an integer >= 1, got "
                               f"{checkpoint_every!r}")
         self.model = model
+        self.index = index
+        self.clients = clients
         opt = model.section.get("optimizer") or {}
         self.optimizer = optimizer or make_optimizer("sgd", float(opt.get("lr", 0.02)),
                                                      float(opt.get("momentum", 0.9)))
@@ -396,7 +404,7 @@ class EdgeTrainer(EdgeClient):
         self.batch = 0
         self.resumed_from: int | None = None
         self._seconds = dict.fromkeys((*_TRAIN_PARTS, "total"), 0.0)
-        self._bytes = {"up": 0, "down": 0, "up_fp32": 0, "eval": 0}
+        self._bytes = {"up": 0, "down": 0, "up_fp32": 0, "eval": 0, "weights": 0}
         self._history: list[dict[str, Any]] = []
         self._epoch_sums = [0.0, 0, 0]   # loss·n, correct, n
         if self.state_dir is not None:
@@ -532,6 +540,8 @@ class EdgeTrainer(EdgeClient):
                     advance(len(idx), "")
                     if self.batch < len(batches) and steps % self.checkpoint_every == 0:
                         self.save()
+                if self.bundle.config == "splitfed":
+                    self.federated_average(self.epoch, n)
                 total, correct, count = self._epoch_sums
                 self._history.append({"epoch": self.epoch, "loss": total / count if count else None,
                                       "train_accuracy": correct / count if count else None})
@@ -559,10 +569,36 @@ class EdgeTrainer(EdgeClient):
             train_accuracy=last.get("train_accuracy"), loss=last.get("loss"),
             bytes_up=self._bytes["up"], bytes_down=self._bytes["down"],
             bytes_up_fp32=self._bytes["up_fp32"], bytes_eval=self._bytes["eval"],
+            bytes_weights=self._bytes["weights"],
             latency_ms={k: v * 1e3 / ran for k, v in self._seconds.items()}, seconds=seconds,
             peak_rss_mib=peak_rss_mib(), resumed_from=self.resumed_from,
             state=str(self.state_dir / STATE_FILE) if self.state_dir else None,
             saved_bundle=saved, history=self._history)
+
+    def federated_average(self, round_: int, n_samples: int) -> None:
+        """splitfed: send the parameters, load back the FedAvg of every client's (the server
+        waits for all of them). The reply is recorded on the server, so a resend after a reboot
+        gets the same average."""
+        spec = (self.welcome or {}).get("spec") or {}
+        clients = self.clients or int(spec.get("clients", 1))
+        if not 0 <= self.index < clients:
+            raise ConfigError(f"splitfed client index {self.index} is outside 0..{clients - 1}")
+        frames = {name: encode_frame(p, "fp32") for name, p in self.model.parameters().items()}
+        group = str((self.welcome or {}).get("group", ""))
+        reply = expect(self._request(Kind.WEIGHTS, frames, mode="average", round=round_,
+                                     index=self.index, clients=clients, n_samples=n_samples,
+                                     group=group), Kind.WEIGHTS)
+        if set(reply.tensors) != set(frames):
+            raise ProtocolError(f"the average carries {sorted(reply.tensors)}, this client has "
+                                f"{sorted(frames)}")
+        for i, name in enumerate(self.model.names):
+            value = np.asarray(decode_frame(reply.frame(name)), dtype=np.float32)
+            if value.shape != self.model.params[i].shape:
+                raise ProtocolError(f"averaged {name} has shape {value.shape}, expected "
+                                    f"{self.model.params[i].shape}")
+            self.model.params[i] = np.array(value)
+        self._bytes["weights"] = self._bytes.get("weights", 0) + sum(
+            len(f) for f in frames.values()) + reply.tensor_bytes()
 
     def epoch_order(self, n: int, epoch: int) -> np.ndarray:
         """Sample order of ``epoch`` (shuffled, deterministic in seed and epoch; vertical

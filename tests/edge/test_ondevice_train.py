@@ -11,12 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from edgesplit.data import iid_shard_indices
 from edgesplit.edge.bundle import load_bundle
 from edgesplit.edge.optim import SGD, Adam, make_optimizer
 from edgesplit.edge.runtime import EdgeClient
@@ -24,6 +26,7 @@ from edgesplit.edge.trainer import STATE_FILE, EdgeTrainer, load_state, load_tra
 from edgesplit.errors import ConfigError, TransportError
 from edgesplit.train.checkpoint import load_checkpoint
 from edgesplit.train.client import SplitClient
+from edgesplit.train.server import SplitServer
 from edgesplit.transport.grpc_client import GrpcTransport
 from edgesplit.transport.inprocess import InProcessTransport
 
@@ -222,3 +225,39 @@ def test_bundles_that_cannot_train_are_refused(trainable, start_server, tmp_path
     with pytest.raises(ConfigError, match="unreadable"):
         EdgeTrainer(load_trainable(trainable.bundle), InProcessTransport(engine.handle),
                     state_dir=other)
+
+
+def test_splitfed_devices_average_their_trained_layers(trainable, start_server, tmp_path):
+    """Two torch-free splitfed clients train their own shards in parallel and end each epoch
+    with the FedAvg of both parameter sets."""
+    bundle = tmp_path / "splitfed"
+    shutil.copytree(trainable.bundle, bundle)   # a splitfed client segment is a vanilla one
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["config"] = "splitfed"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    ckpt = load_checkpoint(trainable.checkpoint)
+    engine = SplitServer("splitfed", ckpt.parts.server, lr=ckpt.spec.lr, wait_timeout=60)
+    initial = load_trainable(bundle).params
+    trainers, errors = [], []
+
+    def run(index: int) -> None:
+        rows = iid_shard_indices(len(trainable.y_train), index, 2)
+        trainer = EdgeTrainer(load_trainable(bundle), InProcessTransport(engine.handle),
+                              index=index, clients=2, session=f"s{index}", seed=index)
+        trainers.append(trainer)
+        try:
+            trainer.fit(trainable.x_train[rows], trainable.y_train[rows], epochs=2)
+        except Exception as exc:   # reported below, with the thread's error
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    first, second = (t.model.params for t in trainers)
+    for a, b, start in zip(first, second, initial, strict=True):
+        np.testing.assert_array_equal(a, b)   # both hold the same average
+        assert float(np.abs(a - start).max()) > 1e-3
+    assert engine.steps_applied == sum(t.step for t in trainers) - 2 * 2   # minus 2 averages
