@@ -20,7 +20,7 @@ CSV_FIELDS = (
     "inversion_mse", "inversion_psnr_db", "inversion_ssim", "mean_baseline_mse",
     "mean_baseline_psnr_db", "mean_baseline_ssim", "inversion_gain_db", "dcor", "dcor_biased",
     "dcor_noise_floor", "dcor_biased_noise_floor", "label_norm_auc", "label_cosine_auc",
-    "label_auc",
+    "label_auc", "inference_inversion_psnr_db",
 )
 
 

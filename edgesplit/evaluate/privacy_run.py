@@ -14,8 +14,9 @@ the client decodes it (after the gradient codec). Then, on the trained client se
 * **label leakage** -- norm and cosine attacks on the recorded gradients of every party that
   receives gradients (:mod:`edgesplit.evaluate.privacy`), per epoch, maximum over epochs.
 
-Inputs are scored after a per-feature min-max normalisation fitted on the attacker's data
-(what the attacker can know), so PSNR and SSIM use a peak of 1 (for digits that is pixel / 16).
+Inputs are scored after a per-feature min-max normalisation over the whole data set (train and
+test), so PSNR and SSIM use a peak of 1 (for digits that is pixel / 16). This only sets the
+scale of the score; the attacker itself sees nothing but its auxiliary data.
 """
 
 from __future__ import annotations
@@ -202,17 +203,25 @@ def invert(trained: Any, options: PrivacyOptions) -> CellPrivacy:
     was_training = lower.training
     lower.eval()
     # a defense's noise is on while training: the attacker sees training-time uploads
-    for module in lower.modules():
-        if getattr(module, "is_defense", False):
-            module.train()
+    noisy = [m for m in lower.modules() if getattr(m, "is_defense", False)]
+    for module in noisy:
+        module.train()
     try:
         z_aux = cut_tensors(lower, x_aux, spec.codec, spec.batch_size)
         z_test = cut_tensors(lower, x_test, spec.codec, spec.batch_size)
+        if noisy:   # and what inference-time uploads (clip only, no noise) give the same attack
+            lower.eval()
+            clean = (cut_tensors(lower, x_aux, spec.codec, spec.batch_size),
+                     cut_tensors(lower, x_test, spec.codec, spec.batch_size))
     finally:
         lower.train(was_training)
 
-    lo_f = x_aux.reshape(len(x_aux), -1).min(0)
-    span = x_aux.reshape(len(x_aux), -1).max(0) - lo_f
+    # the score's scale: each feature's range over the whole data set (for digits, pixel /
+    # 16); a range from the small auxiliary set alone would make rare pixels explode
+    everything = np.concatenate([x_train.reshape(len(x_train), -1),
+                                 x_test.reshape(len(x_test), -1)])
+    lo_f = everything.min(0)
+    span = everything.max(0) - lo_f
     span = np.where(span > 0, span, 1.0)
 
     def norm(v: np.ndarray) -> np.ndarray:
@@ -233,6 +242,9 @@ def invert(trained: Any, options: PrivacyOptions) -> CellPrivacy:
         "mean_baseline_ssim": privacy.ssim(t_test, base, shape),
     }
     m["inversion_gain_db"] = m["inversion_psnr_db"] - m["mean_baseline_psnr_db"]
+    if noisy:
+        m["inference_inversion_psnr_db"] = privacy.psnr(
+            t_test, fit_decoder(clean[0], t_aux, clean[1], options, torch))
     sub = rng.choice(len(x_test), size=min(options.dcor_samples, len(x_test)), replace=False)
     xs, zs = x_test[sub].reshape(len(sub), -1), z_test[sub].reshape(len(sub), -1)
     m["dcor"] = privacy.dcor_unbiased(xs, zs)
