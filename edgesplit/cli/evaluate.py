@@ -87,6 +87,12 @@ def add_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatter] | 
                         "label-leak attacks on the returned gradients (max AUC over epochs)")
     g.add_argument("--privacy-aux", type=float, default=0.2,
                    help="the inversion attacker's data: this fraction of the training data")
+    g.add_argument("--max-psnr", type=float, default=None,
+                   help="leakage budget (needs --privacy): recommend only cells whose "
+                        "inversion PSNR is at most this many dB")
+    g.add_argument("--max-label-auc", type=float, default=None,
+                   help="leakage budget (needs --privacy): recommend only cells whose "
+                        "label-leak AUC (max over epochs) is at most this")
     g.add_argument("--devices", default=None,
                    help="comma-separated device profiles (names in devices/ or .toml paths); "
                         "default: every client profile in devices/")
@@ -161,7 +167,8 @@ def to_sweep_args(args: argparse.Namespace) -> Any:
         latency_batch=args.latency_batch, out=args.out, compare_fl=args.compare_fl,
         fl_clients=_split_ints(args.fl_clients, "--fl-clients"), fl_codec=args.fl_codec,
         command=command_line(args), fresh=args.fresh, privacy=args.privacy,
-        privacy_aux=args.privacy_aux, defense=args.defense,
+        privacy_aux=args.privacy_aux, defense=args.defense, max_psnr=args.max_psnr,
+        max_label_auc=args.max_label_auc,
     )
 
 
@@ -215,6 +222,10 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [opt, str(value)]
     if args.privacy:
         parts += ["--privacy", "--privacy-aux", str(args.privacy_aux)]
+        for opt, value in (("--max-psnr", args.max_psnr),
+                           ("--max-label-auc", args.max_label_auc)):
+            if value is not None:
+                parts += [opt, str(value)]
     if args.compare_fl:
         parts += ["--compare-fl", "--fl-clients", str(args.fl_clients)]
         if args.fl_codec:

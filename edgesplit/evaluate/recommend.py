@@ -105,10 +105,43 @@ def within_budget(rows: Sequence[Mapping[str, Any]], max_drop: float,
             and drop_points(float(r["accuracy_mean"]), base) <= max_drop + 1e-9 for r in rows]
 
 
+def within_leakage(rows: Sequence[Mapping[str, Any]], max_psnr: float | None = None,
+                   max_label_auc: float | None = None) -> list[bool]:
+    """For each row, whether its privacy results (``row["privacy"]``) are within the leakage
+    budget: inversion PSNR at most ``max_psnr`` dB and label-leak AUC at most ``max_label_auc``.
+
+    ``None`` = no limit. A row without the measurement does not qualify under a limit (an
+    unmeasured leak is not a small one); a label AUC that does not apply (``null``: ushape,
+    the labels never leave the client) passes.
+    """
+    for name, value, low in (("--max-psnr", max_psnr, -math.inf), ("--max-label-auc",
+                                                                   max_label_auc, 0.5)):
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"{name} must be a finite number"
+                              + (f" >= {low}" if math.isfinite(low) else "") + f", got {value}")
+    out = []
+    for r in rows:
+        p = r.get("privacy")
+        if not isinstance(p, Mapping):
+            out.append(max_psnr is None and max_label_auc is None)
+            continue
+        ok = max_psnr is None or (_finite(p.get("inversion_psnr_db"))
+                                  and float(p["inversion_psnr_db"]) <= max_psnr)
+        if max_label_auc is not None and p.get("label_auc") is not None:
+            ok = ok and _finite(p.get("label_auc")) and float(p["label_auc"]) <= max_label_auc
+        out.append(bool(ok))
+    return out
+
+
 def recommend(rows: Sequence[Mapping[str, Any]], devices: Sequence[str], links: Sequence[str],
               *, max_drop: float, objective: str = "latency",
-              baseline: Baseline | None = None) -> list[Recommendation]:
-    """One :class:`Recommendation` per device x link (devices outer, links inner)."""
+              baseline: Baseline | None = None, max_psnr: float | None = None,
+              max_label_auc: float | None = None) -> list[Recommendation]:
+    """One :class:`Recommendation` per device x link (devices outer, links inner).
+
+    With ``max_psnr`` / ``max_label_auc`` only rows within that leakage budget
+    (:func:`within_leakage`) qualify.
+    """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not rows:
@@ -116,7 +149,16 @@ def recommend(rows: Sequence[Mapping[str, Any]], devices: Sequence[str], links: 
                 for d in devices for lk in links]
     base = baseline or reference_accuracy(rows)
     ok = within_budget(rows, max_drop, base)
-    budget_rows = [i for i, good in enumerate(ok) if good]
+    private = within_leakage(rows, max_psnr, max_label_auc)
+    budget_rows = [i for i, good in enumerate(ok) if good and private[i]]
+    if any(ok) and not budget_rows:
+        limits = ", ".join(f"{n} {v:g}" for n, v in (("--max-psnr", max_psnr),
+                                                       ("--max-label-auc", max_label_auc))
+                           if v is not None)
+        why = (f"no configuration within {max_drop:g} points of the reference is also within "
+               f"the leakage budget ({limits}); measure with --privacy, add a --defense or "
+               f"relax the budget")
+        return [Recommendation(d, lk, objective, why) for d in devices for lk in links]
     out: list[Recommendation] = []
     for device in devices:
         for link in links:

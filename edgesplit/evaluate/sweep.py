@@ -95,6 +95,9 @@ class SweepArgs:
     privacy_aux: float = 0.2
     #: privacy defenses at the cut for every cell (:mod:`edgesplit.split.defense`)
     defense: str | None = None
+    #: leakage budget of a recommendation: inversion PSNR (dB) and label-leak AUC limits
+    max_psnr: float | None = None
+    max_label_auc: float | None = None
 
     def seed_values(self) -> list[int]:
         """The training seeds: ``seed, seed + 1, ..., seed + seeds - 1``."""
@@ -249,8 +252,13 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
     for row, ok in zip(rows, budget, strict=True):
         row["drop_points"] = recommend.drop_points(row["accuracy_mean"], baseline)
         row["within_budget"] = ok
+    for row, ok in zip(rows, recommend.within_leakage(rows, args.max_psnr, args.max_label_auc),
+                       strict=True):
+        if "privacy" in row:
+            row["within_leakage_budget"] = ok
     recs = recommend.recommend(rows, device_names, link_names, max_drop=args.max_drop,
-                               objective=args.objective, baseline=baseline)
+                               objective=args.objective, baseline=baseline,
+                               max_psnr=args.max_psnr, max_label_auc=args.max_label_auc)
     fl = fl_comparison(rows, args) if args.compare_fl else None
     result = SweepResult(
         args=args, rows=rows, baseline=baseline, recommendations=recs, devices=devices,
@@ -344,6 +352,10 @@ def _validate(args: SweepArgs) -> None:
         raise ConfigError(f"--max-drop must be >= 0 points, got {args.max_drop}")
     if any(k < 1 for k in args.fl_clients):
         raise ConfigError(f"--fl-clients must all be >= 1, got {args.fl_clients}")
+    if (args.max_psnr is not None or args.max_label_auc is not None) and not args.privacy:
+        raise ConfigError("--max-psnr and --max-label-auc need the leakage measured: add "
+                          "--privacy")
+    recommend.within_leakage([], args.max_psnr, args.max_label_auc)   # checks the limits
     if args.privacy and not 0 < args.privacy_aux < 1:
         raise ConfigError(f"--privacy-aux must be a fraction in (0, 1), got {args.privacy_aux}")
     if args.defense is not None:
