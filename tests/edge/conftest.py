@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,3 +166,19 @@ def start_server() -> Iterator[Callable[..., tuple[SplitServer, RunningServer | 
     yield start
     for running in started:
         running.stop(None)
+
+
+@pytest.fixture(scope="session")
+def trainable_vertical(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], Any]:
+    """vertical digits, 2 parties, 1 epoch: (checkpoint, [party 0 bundle, party 1 bundle],
+    dataset), each party exported trainable."""
+    from edgesplit.onnx_export.trainable import export_trainable
+
+    root = tmp_path_factory.mktemp("edge-trainable-vertical")
+    trained = run_training(TrainSpec(epochs=1, seed=0, config="vertical", clients=2))
+    ckpt = save_checkpoint(root / "ckpt", trained)
+    model = SplitModel.from_checkpoint(load_checkpoint(ckpt))
+    bundles = [root / f"party{k}" for k in range(2)]
+    for k, bundle in enumerate(bundles):
+        export_trainable(model, bundle, party=k)
+    return ckpt, bundles, trained.dataset
