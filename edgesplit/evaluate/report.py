@@ -117,7 +117,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         ("config", args.get("config")), ("clients", args.get("clients")),
         ("epochs", args.get("epochs")), ("batch size", args.get("batch_size")),
         ("lr", args.get("lr")), ("seeds", args.get("seeds")),
-        ("gradient codec", args.get("grad_codec")),
+        ("gradient codec", args.get("grad_codec")), ("defense", args.get("defense")),
         ("edgesplit", doc.get("edgesplit_version")), ("created", doc.get("created")),
     ]
     lines += [", ".join(f"**{k}** {v}" for k, v in settings if v is not None), ""]
