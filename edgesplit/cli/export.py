@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,19 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
                         "the model is trained first (or exported untrained with --untrained)")
     g.add_argument("--untrained", action="store_true",
                    help="without --from: export freshly initialised weights, no training")
+    g.add_argument("--trainable", action="store_true",
+                   help="also export the training graphs (forward, backward, parameters) so a "
+                        "torch-free device trains its own client segment (`edgesplit client "
+                        "--bundle`); fp32 weights only, no --device/--opset/--recipe")
     g.add_argument("--party", type=int, default=0, metavar="K",
                    help="vertical: which party's client segment to export (0-based); other "
                         "configurations have one client segment: 0")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", default=None,
-                   help="bundle directory (replaced if it holds an earlier export); when not "
-                        "given: export/out/NAME")
+                   help="bundle directory (must be new or empty; an earlier export is replaced "
+                        "only with --force); when not given: export/out/NAME")
+    g.add_argument("--force", action="store_true",
+                   help="replace an earlier export at --out (and its OUT.server folder)")
     g.add_argument("--name", default=None,
                    help="bundle name; when not given: DATASET-CONFIG[-partyK][-int8]")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -130,17 +137,21 @@ def run(args: argparse.Namespace) -> int:
         apply_recipe(args)
     if args.source and args.untrained:
         raise ConfigError("--untrained exports a fresh model; it cannot be combined with --from")
+    if args.trainable:
+        _check_trainable_args(args)
     if args.source:
         model = _from_checkpoint(args)
     elif args.untrained:
         model = _untrained(args)
     else:
         model = _trained(args)
+    if args.trainable:
+        return _run_trainable(args, model)
     options = ExportOptions(
         name=args.name, party=args.party, opset=args.opset, weights=args.weights,
         device=args.device, atol=args.atol, rtol=args.rtol,
         calibration_samples=args.calibration_samples, int8_max_drop=args.int8_max_drop,
-        fit_batch=args.fit_batch,
+        fit_batch=args.fit_batch, force=args.force,
     )
     report = export_bundle(model, args.out, options)
     for note in report.warnings:
@@ -151,6 +162,57 @@ def run(args: argparse.Namespace) -> int:
                     "warnings": report.warnings})
         return 0
     _print_report(report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- trainable
+def _check_trainable_args(args: argparse.Namespace) -> None:
+    """--trainable writes fp32 graphs at the exporter's opset for any device: refuse the
+    options it would otherwise silently ignore."""
+    from edgesplit.errors import ConfigError
+
+    if args.weights == "int8":
+        raise ConfigError("--trainable exports fp32 weights (the device updates them); it "
+                          "cannot be combined with --weights int8")
+    given = [flag for flag, value in (("--device", args.device), ("--opset", args.opset),
+                                      ("--recipe", args.recipe)) if value is not None]
+    if given:
+        raise ConfigError(f"--trainable does not take {', '.join(given)} (its training graphs "
+                          "are written at the default opset, fp32); drop them")
+
+
+def _run_trainable(args: argparse.Namespace, model: Any) -> int:
+    """``export --trainable``: :func:`edgesplit.onnx_export.trainable.export_trainable`."""
+    import shutil
+
+    from edgesplit.edge.bundle import MANIFEST_FILE
+    from edgesplit.onnx_export import DEFAULT_OUT_ROOT, ExportOptions, default_name, server_dir
+    from edgesplit.onnx_export.pipeline import check_replaceable
+    from edgesplit.onnx_export.trainable import export_trainable
+
+    name = args.name or default_name(model, ExportOptions(party=args.party)) + "-trainable"
+    out = Path(args.out) if args.out else DEFAULT_OUT_ROOT / name
+    server = server_dir(out)
+    # export_trainable replaces an earlier export itself: --force is decided here
+    check_replaceable(out, MANIFEST_FILE, force=args.force)
+    check_replaceable(server, "export.json", force=args.force)
+    for path in (out, server):
+        if path.is_dir() and any(path.iterdir()):   # an earlier export, and --force given
+            shutil.rmtree(path)
+    manifest = export_trainable(model, out, party=args.party)
+    if args.json:
+        print_json({"bundle": str(out), "server": str(server), "manifest": manifest})
+        return 0
+    section = manifest.get("trainable") or {}
+    params = section.get("params") or []
+    count = sum(math.prod(p.get("shape") or [1]) for p in params)
+    parity = section.get("parity") or {}
+    worst = parity.get("max_abs")
+    print(f"trainable bundle {manifest['name']} → {out} (server segment {server}): "
+          f"{len(params)} tensors, {count:,} trainable parameters, opset {manifest['opset']}, "
+          f"gradient parity {'ok' if parity.get('passed') else 'FAILED'}"
+          + (f" {worst:.1e}" if isinstance(worst, float) else "")
+          + f", run {manifest.get('run_id')}")
     return 0
 
 
@@ -252,9 +314,14 @@ def _print_report(report: Any) -> None:
             f"~{fit['estimated_memory_bytes'] / 2**20:.0f} MiB of {fit['memory_mib']} MiB at "
             f"batch {fit['memory']['batch']}, ~{_per_sample(fit['estimated_ms_per_sample'])} "
             f"({fit['precision']}, {fit['execution_provider']})")
-    console.print(f"parity vs torch: {_parity(parity)} max abs, {parity['max_rel']:.1e} max rel "
-                  f"(atol {parity['atol']:g}, rtol {parity['rtol']:g}, batches "
-                  f"{parity['batch_sizes']}); FLOPs and params per sample of the segment")
+    if parity.get("model") == "int8":
+        console.print(f"parity of the int8 client.onnx vs torch: {parity['max_abs']:.1e} max abs "
+                      f"(fp32 export: {_parity(parity['fp32'])}; int8 is judged by accuracy: "
+                      f"{parity.get('criterion', '')})")
+    else:
+        console.print(f"parity vs torch: {_parity(parity)} max abs, {parity['max_rel']:.1e} max "
+                      f"rel (atol {parity['atol']:g}, rtol {parity['rtol']:g}, batches "
+                      f"{parity['batch_sizes']}); FLOPs and params per sample of the segment")
     if m["weights"] == "int8":
         console.print(
             f"int8 weights: test accuracy {m['int8_accuracy_fp32']:.4f} → {m['int8_accuracy']:.4f}"
@@ -265,7 +332,7 @@ def _print_report(report: Any) -> None:
     if parity["samples"] == "random":
         console.print("[yellow]parity checked on random inputs (no data found)[/]")
     console.print(f"copy [bold]{report.bundle}[/] to the device; the server segment stays in "
-                  f"{report.server}")
+                  f"{report.server} (run {m.get('run_id')})")
 
 
 def _per_sample(ms: float) -> str:
@@ -273,5 +340,7 @@ def _per_sample(ms: float) -> str:
 
 
 def _parity(p: dict[str, Any]) -> str:
+    if p.get("model") == "int8":   # judged by the accuracy change, not by fp32 tolerances
+        return f"int8 {p['max_abs']:.1e}"
     verdict = "ok" if p["passed"] else "FAILED"
     return f"{verdict} {p['max_abs']:.1e}"

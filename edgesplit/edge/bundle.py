@@ -63,7 +63,8 @@ REQUIRED_KEYS: dict[str, tuple[type | None, ...]] = {
     "label_dtype": (str,),              # dtype labels travel in (uint8 up to 256 classes)
     "opset": (int,),                    # ai.onnx opset of the model files
     "weights": (str,),                  # fp32 | int8
-    "parity": (dict,),                  # PARITY_KEYS: ORT vs torch eager on the fp32 model
+    "parity": (dict,),                  # PARITY_KEYS: ORT (the shipped file, int8 or fp32) vs
+                                        # torch eager; "model" says which, int8 adds "fp32"
     "int8_accuracy_fp32": (float, int, None),    # int8 only: test accuracy, fp32 client
     "int8_accuracy": (float, int, None),         # int8 only: test accuracy, int8 client
     "int8_accuracy_change": (float, int, None),  # int8 only: difference in points
@@ -73,6 +74,10 @@ REQUIRED_KEYS: dict[str, tuple[type | None, ...]] = {
     "server_segment": (str,),           # relative path of the server folder (not shipped)
     "source": (dict,),                  # checkpoint, dataset, trained, accuracy
     "versions": (dict,),                # exporter, torch, onnx, onnxruntime, edgesplit
+}
+#: Keys a manifest may lack (older exports) but must type-check when present.
+OPTIONAL_KEYS: dict[str, tuple[type | None, ...]] = {
+    "run_id": (str,),                   # uuid hex of the training run; its server has the same
 }
 #: Keys every tensor description (``input``, ``output``, ``head.input``, ``head.output``) holds.
 TENSOR_KEYS = ("name", "shape", "dtype")
@@ -162,6 +167,13 @@ class Bundle:
     @property
     def name(self) -> str:
         return str(self.manifest["name"])
+
+    @property
+    def run_id(self) -> str | None:
+        """The training run the weights come from (uuid hex); its server segment carries the
+        same id. ``None`` for bundles exported before run ids existed."""
+        value = self.manifest.get("run_id")
+        return str(value) if value else None
 
     @property
     def config(self) -> str:
@@ -350,6 +362,9 @@ def validate_manifest(manifest: Any, where: str | Path = MANIFEST_FILE) -> None:
         if key not in manifest:
             raise ConfigError(f"{where}: missing required key {key!r}")
         _typed(manifest[key], types, key, where)
+    for key, types in OPTIONAL_KEYS.items():
+        if key in manifest:
+            _typed(manifest[key], types, key, where)
     for key in ("input", "output"):
         _check_tensor(manifest[key], key, where)
     if manifest["weights"] not in WEIGHTS:

@@ -97,6 +97,7 @@ class ExportOptions:
     calibration_samples: training samples (a seeded random subset) that calibrate int8 ranges.
     int8_max_drop: largest accuracy drop (points) int8 may cause before the export fails.
     fit_batch: batch size the device memory estimate is for.
+    force: replace an earlier export at the same place (without it that is an error).
     """
 
     name: str | None = None
@@ -110,6 +111,7 @@ class ExportOptions:
     calibration_samples: int = 1024
     int8_max_drop: float = DEFAULT_MAX_DROP
     fit_batch: int = 1
+    force: bool = False
 
 
 @dataclass
@@ -185,8 +187,8 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
     if not bundle_dir.name:   # "." or "/": name the folder so OUT.server has a sibling to be
         bundle_dir = bundle_dir.resolve()
     server_path = server_dir(bundle_dir)
-    _check_replaceable(bundle_dir, MANIFEST_FILE)
-    _check_replaceable(server_path, "export.json")
+    check_replaceable(bundle_dir, MANIFEST_FILE, force=options.force)
+    check_replaceable(server_path, "export.json", force=options.force)
 
     party = options.party
     shape = model.party_shape(party)
@@ -206,8 +208,10 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
                           "beyond tolerance; the export is not written")
     client_bytes = client.to_bytes()
     int8: Int8Result | None = None
+    shipped = {**parity.to_json(), "model": "fp32"}
     if options.weights == "int8":
         client_bytes, int8 = _int8(model, client, options)
+        shipped = _int8_parity(lower, client_bytes, samples, source, options, int8, parity)
 
     head, head_parity = _export_head(model, samples, source, options, meta) \
         if model.head is not None else (None, None)
@@ -231,7 +235,7 @@ def export_bundle(model: SplitModel, out: str | Path | None = None,
             raise ExportError(f"device {device.name} cannot run this export: "
                               f"{'; '.join(fit.reasons)}")
 
-    manifest = _manifest(model, options, name, shape, client, head, parity, head_parity, prof,
+    manifest = _manifest(model, options, name, shape, client, head, shipped, head_parity, prof,
                          head_prof, int8, fit, files, source, server_path)
     validate_manifest(manifest, f"{name}/{MANIFEST_FILE} (about to be written)")
     written = _write(bundle_dir, server_path, files, manifest, model)
@@ -289,13 +293,34 @@ def _check_options(model: SplitModel, options: ExportOptions) -> None:
             raise ExportError("int8 needs at least one calibration sample")
 
 
-def _check_replaceable(path: Path, marker: str) -> None:
-    """Only an earlier export (or an empty folder) may be replaced: never the user's files."""
+def check_replaceable(path: Path, marker: str, *, force: bool) -> None:
+    """An empty or absent folder may be written; an earlier export only with ``force``;
+    anything else (the user's files) never."""
     if path.is_file():
         raise ExportError(f"{path} is a file; --out must name a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not (path / marker).is_file():
         raise ExportError(f"{path} exists and is not an edgesplit export (no {marker}); "
                           "refusing to overwrite it: choose another --out")
+    if not force:
+        raise ExportError(f"{path} holds an earlier export{_describe(path / marker)}; pass "
+                          "--force to replace it, or choose another --out")
+
+
+
+def _describe(marker: Path) -> str:
+    """`` (bundle NAME, run RUN_ID, created TIME)`` from an earlier export's JSON, if readable."""
+    try:
+        old = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(old, dict):
+        return ""
+    parts = [f"{label} {old[key]}" for key, label in
+             (("name", "bundle"), ("bundle", "bundle"), ("run_id", "run"), ("created", "created"))
+             if old.get(key)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _int8(model: SplitModel, client: ExportedSegment, options: ExportOptions
@@ -344,6 +369,22 @@ def _int8(model: SplitModel, client: ExportedSegment, options: ExportOptions
     return int8_bytes, result
 
 
+def _int8_parity(lower: torch.nn.Module, int8_bytes: bytes, samples: np.ndarray, source: str,
+                 options: ExportOptions, int8: Int8Result, fp32: ParityResult
+                 ) -> dict[str, Any]:
+    """The parity record of the file shipped: the int8 model against torch (fp32 weights) on
+    the parity batches. Its ``passed`` is the int8 criterion (the test-accuracy change within
+    ``int8_max_drop``; the export is refused otherwise); the fp32 model's parity is kept."""
+    measured = check_parity(lower, int8_bytes, samples, input_name="x",
+                            batch_sizes=options.batch_sizes, atol=options.atol,
+                            rtol=options.rtol, source=source)
+    return {**measured.to_json(), "model": "int8",
+            "passed": int8.accuracy_change >= -options.int8_max_drop,
+            "criterion": f"test accuracy change {int8.accuracy_change:+.2f} points, allowed "
+                         f"-{options.int8_max_drop:g}",
+            "fp32": {**fp32.to_json(), "model": "fp32"}}
+
+
 def _party_cut(model: SplitModel, party_x: np.ndarray, party: int) -> np.ndarray:
     """``party``'s torch cut for inputs that already hold only its features."""
     with torch.no_grad():
@@ -365,7 +406,7 @@ def _versions(opset: int) -> dict[str, str]:
 
 
 def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple[int, ...],
-              client: ExportedSegment, head: ExportedSegment | None, parity: ParityResult,
+              client: ExportedSegment, head: ExportedSegment | None, parity: dict[str, Any],
               head_parity: ParityResult | None, prof: SegmentProfile,
               head_prof: SegmentProfile | None, int8: Int8Result | None, fit: DeviceFit | None,
               files: dict[str, bytes], source: str, server_path: Path) -> dict[str, Any]:
@@ -382,6 +423,8 @@ def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple
     manifest: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "name": name,
+        # the run whose weights these are; the server segment beside the bundle carries the same
+        "run_id": model.run_id,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": model.config,
         "party": party,
@@ -401,7 +444,8 @@ def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple
         "label_dtype": model.label_dtype,
         "opset": model_opset(client.model),
         "weights": options.weights,
-        "parity": {**parity.to_json(), "model": "fp32"},
+        # the shipped client.onnx against torch: the int8 model's error for int8 bundles
+        "parity": parity,
         "int8_accuracy_fp32": int8.accuracy_fp32 if int8 else None,
         "int8_accuracy": int8.accuracy if int8 else None,
         "int8_accuracy_change": int8.accuracy_change if int8 else None,
@@ -453,12 +497,13 @@ def _write(bundle_dir: Path, server_path: Path, files: dict[str, bytes],
             shutil.copyfile(model.server_state, tmp_server / "server.pt")
         else:
             torch.save(model.server.state_dict(), tmp_server / "server.pt")
-        meta = model.meta or {"schema": 1, "dataset": model.dataset_name,
-                              "input_shape": list(model.input_shape),
-                              "num_classes": model.num_classes, "cuts": list(model.cuts)}
+        meta = model.meta if "schema" in model.meta else {
+            "schema": 1, "dataset": model.dataset_name, "input_shape": list(model.input_shape),
+            "num_classes": model.num_classes, "cuts": list(model.cuts), **model.meta}
         (tmp_server / "checkpoint.json").write_text(json.dumps(jsonable(meta), indent=2,
                                                                default=str))
-        link = {"bundle": manifest["name"], "bundle_dir": f"../{bundle_dir.name}",
+        link = {"bundle": manifest["name"], "run_id": model.run_id,
+                "bundle_dir": f"../{bundle_dir.name}",
                 "client_sha256": manifest["sha256"][CLIENT_FILE], "config": model.config,
                 "party": manifest["party"], "parties": model.parties,
                 "weights": manifest["weights"], "codec": model.codec,

@@ -8,6 +8,7 @@ read those objects by attribute.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ class SplitModel:
     trained: ``False`` for an initialised-but-untrained export (recorded in the manifest).
     checkpoint: the checkpoint directory it came from, if any.
     accuracy: test accuracy the checkpoint reported, if any.
+    run_id: the checkpoint's run id (``meta["run_id"]``); a model trained in this process (or
+        an old checkpoint) gets a fresh one, so every bundle names the run it belongs to.
     """
 
     config: str
@@ -63,8 +66,12 @@ class SplitModel:
     trained: bool = True
     checkpoint: str | None = None
     accuracy: float | None = None
+    run_id: str = ""
 
     def __post_init__(self) -> None:
+        if not self.run_id:
+            self.run_id = str(self.meta.get("run_id") or uuid.uuid4().hex)
+        self.meta = {**self.meta, "run_id": self.run_id}
         if self.config not in CONFIGS:
             raise ExportError(f"unknown config {self.config!r}; valid: {', '.join(CONFIGS)}")
         if self.config == "vertical" and len(self.feature_blocks) != len(self.lowers):

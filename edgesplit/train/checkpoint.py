@@ -3,7 +3,8 @@
 Layout::
 
     CHECKPOINT/
-      checkpoint.json    schema version, the TrainSpec, shapes, cuts, feature blocks, result
+      checkpoint.json    schema version, run_id (uuid hex, new at each save), the TrainSpec,
+                         shapes, cuts, feature blocks, result
       client-<k>.pt      client segment k (one, or one per vertical party)
       head.pt            ushape only: the client's last layers
       server.pt          the server segment
@@ -14,6 +15,7 @@ State dicts load with ``torch.load(weights_only=True)``: no pickle of anything a
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,9 @@ def save_checkpoint(path: str | Path, trained: TrainedSplit) -> Path:
         torch.save(trained.head.state_dict(), out / "head.pt")
     meta = {
         "schema": SCHEMA_VERSION,
+        # identifies this run's weights: the bundle and server segment exported from it carry
+        # it, so a server can refuse a client bundle from another run
+        "run_id": uuid.uuid4().hex,
         "spec": asdict(trained.spec),
         "dataset": data.name,
         "input_shape": list(data.input_shape),
@@ -75,6 +80,12 @@ class Checkpoint:
     @property
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
+
+    @property
+    def run_id(self) -> str | None:
+        """The run id written at save time (``None`` for checkpoints older than it)."""
+        value = self.meta.get("run_id")
+        return str(value) if value else None
 
 
 def load_checkpoint(
