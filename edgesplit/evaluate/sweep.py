@@ -363,10 +363,20 @@ def _validate(args: SweepArgs) -> None:
             from edgesplit.split.defense import parse_defense
         except ImportError as exc:   # the training extra is not installed
             raise ConfigError(f"--defense needs the training extra ({exc})") from None
-        parse_defense(args.defense)
+        if parse_defense(args.defense).active and not _engine_applies_defenses():
+            raise ConfigError(f"--defense {args.defense!r}: this version's training engine does "
+                              "not apply defenses yet (edgesplit.train.engine.DEFENSES_APPLIED)")
     if args.fl_codec is not None and args.fl_codec not in args.codecs:
         raise ConfigError(f"--fl-codec {args.fl_codec!r} is not one of the swept codecs "
                           f"({', '.join(args.codecs)})")
+
+
+def _engine_applies_defenses() -> bool:
+    # the engine sets this flag once it wraps client segments, adds the NoPeek loss and
+    # perturbs returned gradients; until then a --defense would silently do nothing
+    from edgesplit.train import engine
+
+    return bool(getattr(engine, "DEFENSES_APPLIED", False))
 
 
 def default_cuts(args: SweepArgs) -> list[str]:

@@ -217,3 +217,18 @@ def test_evaluate_privacy_cli_writes_the_columns_and_reuses_the_cache(
     again = json.loads(capsys.readouterr().out)
     assert again["cache"]["trained_cells"] == 0
     assert again["rows"][0]["privacy"] == doc["rows"][0]["privacy"]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"defense": "bogus:1"}, "unknown defense 'bogus'.*valid: noise"),
+    ({"max_psnr": 12.0}, "add --privacy"),
+    ({"privacy": True, "privacy_aux": 1.0}, "privacy-aux"),
+    ({"privacy": True, "max_label_auc": 0.1}, "max-label-auc"),
+])
+def test_sweep_refuses_bad_privacy_options(tmp_path: Path, kwargs: dict, match: str) -> None:
+    from edgesplit.evaluate.sweep import SweepArgs, run_sweep
+
+    args = SweepArgs(cuts=["relu1"], codecs=["fp32"], seeds=1, epochs=1,
+                     out=str(tmp_path), **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        run_sweep(args, progress=False, write_report=False)
