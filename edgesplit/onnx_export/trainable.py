@@ -52,11 +52,12 @@ INFER_FILE = "train_infer.onnx"
 PARAMS_FILE = "params.npz"
 TRAINABLE_SCHEMA = 1
 #: Layers whose training graphs export correctly and pass parity today. Anything else is refused
-#: by name (BatchNorm: wrong in training mode; Dropout: needs its mask as a residual; Conv/Pool:
-#: ``convolution_backward`` has no ONNX translation).
+#: by name (BatchNorm: wrong in training mode and with a dynamic batch; Dropout: needs its mask
+#: as a residual; adaptive/average pooling: their backward has no decomposition yet). Conv's
+#: ``convolution_backward`` has no ONNX translation: :func:`_convolution_backward` rebuilds it.
 TRAINABLE_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU,
-    nn.Flatten, nn.Identity,
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.MaxPool1d, nn.MaxPool2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
+    nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Flatten, nn.Unflatten, nn.Identity,
 )
 #: Parity batch sizes: 1 and odd sizes catch a batch axis baked in as a constant.
 PARITY_BATCH_SIZES = (1, 7, 32)
@@ -82,6 +83,88 @@ def check_trainable_layers(lower: nn.Module, allowed: Sequence[type[nn.Module]] 
 
 
 # ---------------------------------------------------------------------------------- capture
+def _convolution_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
+                          bias_sizes: Any, stride: list[int], padding: list[int],
+                          dilation: list[int], transposed: bool, output_padding: list[int],
+                          groups: int, output_mask: list[bool]) -> Any:
+    """``convolution_backward`` from two forward convolutions (it has no ONNX translation):
+    the input gradient is a transposed convolution of the output gradient, the weight gradient
+    a convolution of the input by the output gradient with stride and dilation swapped."""
+    if transposed or groups != 1:
+        return NotImplemented
+    aten = torch.ops.aten
+    nd = len(stride)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        pad_out = [int(inp.shape[2 + i]) - ((int(grad_out.shape[2 + i]) - 1) * stride[i]
+                                            - 2 * padding[i]
+                                            + dilation[i] * (int(weight.shape[2 + i]) - 1) + 1)
+                   for i in range(nd)]
+        grad_input = aten.convolution.default(grad_out, weight, None, stride, padding, dilation,
+                                              True, pad_out, 1)
+    if output_mask[1]:
+        full = aten.convolution.default(inp.transpose(0, 1), grad_out.transpose(0, 1), None,
+                                        dilation, padding, stride, False, [0] * nd, 1)
+        grad_weight = full.transpose(0, 1)
+        for i in range(nd):
+            grad_weight = grad_weight.narrow(2 + i, 0, int(weight.shape[2 + i]))
+    if output_mask[2]:
+        grad_bias = grad_out.sum([0, *range(2, 2 + nd)])
+    return grad_input, grad_weight, grad_bias
+
+
+def default_decompositions() -> dict[Any, Any]:
+    """Core ATen decompositions, plus the backward ops ONNX has no translation for."""
+    from torch._decomp import core_aten_decompositions, decomposition_table
+
+    aten = torch.ops.aten
+    table = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = _convolution_backward
+    for op in (aten.max_pool2d_with_indices_backward.default,):
+        table[op] = decomposition_table[op]
+    return table
+
+
+def _symbolize_batch(gm: torch.fx.GraphModule, twin: torch.fx.GraphModule, batch: int,
+                     twin_batch: int, what: str) -> None:
+    """Replace integer constants that follow the capture batch size (``view(x, [11, 1, 8, 8])``)
+    by sizes read from the graph's last input, whose axis 0 is the batch; in place.
+
+    ``twin`` is the same graph captured at another batch size: a constant that differs between
+    them by the batch ratio is ``batch · k``.
+    """
+    import operator
+
+    nodes, others = list(gm.graph.nodes), list(twin.graph.nodes)
+    if len(nodes) != len(others) or any(a.target != b.target for a, b in zip(nodes, others,
+                                                                             strict=True)):
+        raise ExportError(f"the {what} graph changes with the batch size; cannot make the "
+                          "batch axis dynamic")
+    source = [n for n in nodes if n.op == "placeholder"][-1]
+    graph = gm.graph
+
+    def fix(a: Any, b: Any, node: torch.fx.Node) -> Any:
+        if isinstance(a, list | tuple):
+            return type(a)(fix(u, v, node) for u, v in zip(a, b, strict=True))
+        if isinstance(a, int) and not isinstance(a, bool) and isinstance(b, int) and a != b:
+            if a % batch or a // batch * twin_batch != b:
+                raise ExportError(f"the {what} graph holds a size {a} that depends on the batch "
+                                  f"but is not a multiple of it (node {node.name})")
+            with graph.inserting_before(node):
+                size = graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
+                return size if a == batch else graph.call_function(operator.mul,
+                                                                   (size, a // batch))
+        return a
+
+    for node, other in zip(nodes, others, strict=True):
+        if node.op != "call_function":
+            continue
+        node.args = fix(node.args, other.args, node)
+        node.kwargs = {k: fix(v, other.kwargs.get(k), node) for k, v in node.kwargs.items()}
+    graph.lint()
+    gm.recompile()
+
+
 def _capture(lower: nn.Module, names: list[str], batch: int, sample_shape: tuple[int, ...],
              decompositions: dict[Any, Any] | None) -> tuple[torch.fx.GraphModule,
                                                              torch.fx.GraphModule, list[Any]]:
@@ -276,8 +359,6 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
     ExportError
         An untrainable layer (named), a graph the exporter cannot translate, or a parity failure.
     """
-    from torch._decomp import core_aten_decompositions
-
     lower = copy.deepcopy(lower).train()
     if check_layers:
         check_trainable_layers(lower)
@@ -285,14 +366,16 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
     if not names:
         raise ExportError("the client segment has no parameters: nothing to train on the device")
     sample_shape = tuple(samples.shape[1:])
-    decomp = core_aten_decompositions() if decompositions is None else decompositions
+    decomp = default_decompositions() if decompositions is None else decompositions
     try:
         captures = [_capture(lower, names, b, sample_shape, decomp) for b in _CAPTURE_BATCHES]
     except Exception as exc:   # AOTAutograd raises torch internals' types; one line for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"cannot capture the segment's forward/backward graphs: "
                           f"{type(exc).__name__}: {first[:300]}") from exc
-    (fw, bw, outs), (_, bw2, outs2) = captures
+    (fw, bw, outs), (fw2, bw2, outs2) = captures
+    _symbolize_batch(fw, fw2, _CAPTURE_BATCHES[0], _CAPTURE_BATCHES[1], "forward")
+    _symbolize_batch(bw, bw2, _CAPTURE_BATCHES[0], _CAPTURE_BATCHES[1], "backward")
     if len(outs) != len(outs2):
         raise ExportError("the segment's saved tensors depend on the batch size; cannot train it")
     # residual batch axes: dims that change with the batch; only axis 0 may

@@ -73,12 +73,25 @@ def test_a_gradient_parity_failure_fails_the_export():
     assert len(str(info.value).splitlines()) == 1
 
 
+def test_cnn_segments_train_with_a_dynamic_batch():
+    """conv + max-pool: ``convolution_backward`` is rebuilt from two convolutions and the
+    batch size baked into the capture (``view(x, [11, 1, 8, 8])``) is read from the input."""
+    torch.manual_seed(0)
+    lower = cnn2d((8, 8), 10)[:4]   # unsqueeze, conv1, relu1, pool1
+    samples = np.random.default_rng(0).standard_normal((64, 8, 8)).astype(np.float32)
+    files, section = build_trainable(lower, samples)
+    assert section["parity"]["passed"] and section["parity"]["batch_sizes"] == [1, 7, 32]
+    backward = onnx.load_from_string(files[BACKWARD_FILE])
+    assert "Conv" in {n.op_type for n in backward.graph.node}   # the weight gradient
+    assert backward.graph.input[-1].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
 def test_untrainable_layers_are_refused_by_name(tmp_path):
     torch.manual_seed(0)
     full = cnn2d((8, 8), 10)
-    model = SplitModel(config="vanilla", lowers=[full[:4]], server=full[4:], head=None,
+    model = SplitModel(config="vanilla", lowers=[full[:7]], server=full[7:], head=None,
                        input_shape=(8, 8), num_classes=10, trained=False)
-    with pytest.raises(ExportError, match=r"conv1 \(Conv2d\), .*pool1 \(MaxPool2d\)"):
+    with pytest.raises(ExportError, match=r"pool2 \(AdaptiveAvgPool2d\); trainable layers"):
         export_trainable(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
