@@ -92,11 +92,40 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+#: Deepest nesting of objects/arrays accepted in meta (the protocol uses 2).
+MAX_META_DEPTH = 32
+
+
+def _nesting(text: str) -> int:
+    """Deepest ``{``/``[`` nesting of a JSON text, ignoring brackets inside strings."""
+    if text.count("{") + text.count("[") <= MAX_META_DEPTH:
+        return 0  # cannot be deeper than the bracket count; skip the scan
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}]":
+            depth -= 1
+    return deepest
+
+
 def strict_meta(text: str, limit: int) -> dict[str, Any]:
     """``meta_json`` as a dict, refusing what the protocol never sends.
 
     Refused: more than ``limit`` bytes, invalid JSON, a non-object, ``NaN``/``Infinity``, a float
-    that overflows (``1e400``), an integer beyond 64 bits, nesting too deep to parse.
+    that overflows (``1e400``), an integer beyond 64 bits, nesting deeper than
+    :data:`MAX_META_DEPTH`.
 
     Raises
     ------
@@ -108,6 +137,14 @@ def strict_meta(text: str, limit: int) -> dict[str, Any]:
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > limit:
         raise ProtocolError(f"message meta is {size} bytes; the server accepts at most {limit}")
+    depth = _nesting(text)
+    if depth > MAX_META_DEPTH:
+        # Checked before parsing: json recursing near Python's limit is slow, and a garbage
+        # collection that runs down there fails in finalizers ("Exception ignored ...").
+        raise ProtocolError(
+            f"message meta is nested {depth} levels deep; the server accepts at most "
+            f"{MAX_META_DEPTH}"
+        )
     try:
         value = json.loads(
             text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int

@@ -172,6 +172,8 @@ BAD_REQUESTS = {
     "NaN": (envelope(meta_json='{"lr": NaN}'), "contains NaN"),
     "1e400": (envelope(meta_json='{"lr": 1e400}'), "overflows a 64-bit float"),
     "huge int": (envelope(meta_json='{"n": ' + "9" * 400 + "}"), "must fit in 64 bits"),
+    "deep nesting": (envelope(meta_json='{"a":' * 2000 + "1" + "}" * 2000),
+                     "nested 2000 levels deep; the server accepts at most 32"),
     "meta not object": (envelope(meta_json="[1]"), "must be a JSON object"),
     "meta too big": (envelope(meta_json=json.dumps({"pad": "x" * 70_000})),
                      "the server accepts at most 65536"),
