@@ -50,11 +50,16 @@ class PrivacyOptions:
     decoder_steps: int = 100
     decoder_lr: float = 3e-3
     dcor_samples: int = 300
+    #: training steps per client and epoch whose gradients are kept for the label attacks
+    #: (the first ones of each shuffled epoch; bounds memory on large data sets)
+    label_batches: int = 48
     seed: int = 0
 
     def validate(self) -> None:
         if not 0 < self.aux_fraction < 1:
             raise ConfigError(f"--privacy-aux must be in (0, 1), got {self.aux_fraction}")
+        if self.label_batches < 1:
+            raise ConfigError(f"label_batches must be >= 1, got {self.label_batches}")
         if self.decoder_steps < 1 or self.decoder_hidden < 1:
             raise ConfigError("the inversion decoder needs >= 1 step and >= 1 hidden unit")
         if self.dcor_samples < 4:
@@ -80,7 +85,8 @@ class CellPrivacy:
 class GradientLog:
     """Per epoch, per client name: the ``(gradient, labels or None)`` of every training step."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batches: int | None = None) -> None:
+        self.max_batches = max_batches
         self.epoch = 0
         self._lock = threading.Lock()
         self.steps: list[dict[str, list[tuple[np.ndarray, np.ndarray | None]]]] = [{}]
@@ -90,9 +96,17 @@ class GradientLog:
             self.epoch += 1
             self.steps.append({})
 
+    def full(self, client: str) -> bool:
+        """Whether ``client`` already has its batches for this epoch (skip decoding)."""
+        with self._lock:
+            mine = self.steps[self.epoch].get(client, [])
+            return self.max_batches is not None and len(mine) >= self.max_batches
+
     def add(self, client: str, grad: np.ndarray, labels: np.ndarray | None) -> None:
         with self._lock:
-            self.steps[self.epoch].setdefault(client, []).append((grad, labels))
+            mine = self.steps[self.epoch].setdefault(client, [])
+            if self.max_batches is None or len(mine) < self.max_batches:
+                mine.append((grad, labels))
 
     def batches(self, label_holder: str, receivers: list[str]
                 ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
@@ -124,7 +138,8 @@ class RecordingTransport:
     def request(self, message: Message) -> Message:
         reply = self.inner.request(message)
         if (message.kind == Kind.FORWARD and message.meta.get("train")
-                and reply.kind == Kind.GRADIENT and "grad" in reply.tensors):
+                and reply.kind == Kind.GRADIENT and "grad" in reply.tensors
+                and not self.log.full(self.name)):
             labels = (np.asarray(decode_frame(message.tensors["labels"])).astype(np.int64)
                       if "labels" in message.tensors else None)
             grad = np.asarray(decode_frame(reply.tensors["grad"]), dtype=np.float32)
@@ -146,7 +161,7 @@ def train_and_attack(spec: TrainSpec, options: PrivacyOptions | None = None
 
     options = options or PrivacyOptions()
     options.validate()
-    log = GradientLog()
+    log = GradientLog(options.label_batches)
 
     def factory(handler: Handler, name: str) -> Transport:
         return RecordingTransport(handler, name, log)

@@ -232,3 +232,18 @@ def test_sweep_refuses_bad_privacy_options(tmp_path: Path, kwargs: dict, match: 
                      out=str(tmp_path), **kwargs)
     with pytest.raises(ConfigError, match=match):
         run_sweep(args, progress=False, write_report=False)
+
+
+def test_gradient_log_keeps_at_most_the_asked_batches_and_pairs_passive_parties() -> None:
+    from edgesplit.evaluate.privacy_run import GradientLog
+
+    log = GradientLog(max_batches=2)
+    for i in range(3):
+        log.add("client-0", np.full((4, 2), i, np.float32), np.arange(4) % 2)
+        log.add("client-1", np.full((4, 2), 10 + i, np.float32), None)
+    log.next_epoch()
+    batches = log.batches("client-0", ["client-1"])
+    assert len(batches) == 1 and len(batches[0]) == 2   # capped at 2 per epoch
+    grad, labels = batches[0][1]
+    assert grad[0, 0] == 11 and list(labels) == [0, 1, 0, 1]   # the holder's 2nd batch labels
+    assert log.full("client-0") is False   # a new epoch starts empty
