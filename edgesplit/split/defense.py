@@ -133,6 +133,15 @@ class Defense:
             return None
         return self.nopeek_alpha * distance_correlation(x.to(act.dtype), act)
 
+    def backward(self, x: torch.Tensor, act: torch.Tensor, grad: torch.Tensor) -> None:
+        """The client's backward: ``act.backward(grad)`` plus, with NoPeek, the gradient of
+        :meth:`client_loss` -- one call for the engine to make instead of ``act.backward``."""
+        extra = self.client_loss(x, act)
+        if extra is None:
+            act.backward(grad)
+        else:
+            torch.autograd.backward([act, extra], [grad, torch.ones_like(extra)])
+
     def server_grad(self, grad: torch.Tensor, labels: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """The cut gradient to return: unchanged unless ``gradnoise`` is on.

@@ -125,3 +125,29 @@ def test_gradnoise_hides_a_planted_label_direction() -> None:
     # the mean gradient survives (what training needs): noise averages out over a batch
     cos = torch.nn.functional.cosine_similarity(out.mean(0), grads.mean(0), dim=0)
     assert math.isfinite(float(cos))
+
+
+def test_backward_adds_the_nopeek_gradient_to_the_server_gradient() -> None:
+    torch.manual_seed(0)
+    lower = nn.Sequential(nn.Linear(5, 4), nn.ReLU())
+    x, grad = torch.randn(8, 5), torch.randn(8, 4)
+
+    def param_grad(spec: str | None, with_extra: bool) -> torch.Tensor:
+        lower.zero_grad()
+        act = lower(x)
+        if with_extra:   # the reference: one scalar objective whose gradient is the sum
+            d = parse_defense(spec)
+            extra = d.client_loss(x, act)
+            assert extra is not None
+            ((act * grad).sum() + extra).backward()
+        else:
+            parse_defense(spec).backward(x, act, grad)
+        return lower[0].weight.grad.clone()
+
+    plain = param_grad(None, False)
+    lower.zero_grad()
+    act = lower(x)
+    act.backward(grad)
+    assert torch.allclose(plain, lower[0].weight.grad)
+    assert torch.allclose(param_grad("nopeek:2", False), param_grad("nopeek:2", True), atol=1e-6)
+    assert not torch.allclose(param_grad("nopeek:2", False), plain)
