@@ -81,10 +81,12 @@ def add_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatter] | 
                         "nopeek:ALPHA, gradnoise:SIGMA (see docs/privacy.md)")
 
     g = p.add_argument_group("how to judge it")
-    g.add_argument("--privacy", action="store_true",
+    g.add_argument("--privacy", nargs="?", const="on", default=None, choices=("on", "full"),
                    help="per cut x codec (first seed only): inversion attack (MSE/PSNR/SSIM vs "
                         "the mean-input baseline), bias-corrected dCor, and norm/cosine "
-                        "label-leak attacks on the returned gradients (max AUC over epochs)")
+                        "label-leak attacks on the returned gradients (max AUC over epochs); "
+                        "'--privacy full' adds the query-free attack (a shadow client trained "
+                        "through the frozen server)")
     g.add_argument("--privacy-aux", type=float, default=0.2,
                    help="the inversion attacker's data: this fraction of the training data")
     g.add_argument("--max-psnr", type=float, default=None,
@@ -166,7 +168,8 @@ def to_sweep_args(args: argparse.Namespace) -> Any:
         max_drop=args.max_drop, objective=args.objective, latency_mode=args.latency_mode,
         latency_batch=args.latency_batch, out=args.out, compare_fl=args.compare_fl,
         fl_clients=_split_ints(args.fl_clients, "--fl-clients"), fl_codec=args.fl_codec,
-        command=command_line(args), fresh=args.fresh, privacy=args.privacy,
+        command=command_line(args), fresh=args.fresh, privacy=args.privacy is not None,
+        privacy_full=args.privacy == "full",
         privacy_aux=args.privacy_aux, defense=args.defense, max_psnr=args.max_psnr,
         max_label_auc=args.max_label_auc,
     )
@@ -221,7 +224,8 @@ def command_line(args: argparse.Namespace) -> str:
         if value is not None:
             parts += [opt, str(value)]
     if args.privacy:
-        parts += ["--privacy", "--privacy-aux", str(args.privacy_aux)]
+        parts += ["--privacy", *(["full"] if args.privacy == "full" else []),
+                  "--privacy-aux", str(args.privacy_aux)]
         for opt, value in (("--max-psnr", args.max_psnr),
                            ("--max-label-auc", args.max_label_auc)):
             if value is not None:

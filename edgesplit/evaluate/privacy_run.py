@@ -50,6 +50,9 @@ class PrivacyOptions:
     decoder_steps: int = 100
     decoder_lr: float = 3e-3
     dcor_samples: int = 300
+    #: also run the query-free attack (a shadow client trained through the frozen server)
+    query_free: bool = False
+    shadow_steps: int = 300
     #: training steps per client and epoch whose gradients are kept for the label attacks
     #: (the first ones of each shuffled epoch; bounds memory on large data sets)
     label_batches: int = 48
@@ -267,9 +270,57 @@ def invert(trained: Any, options: PrivacyOptions) -> CellPrivacy:
     noise = rng.standard_normal(zs.shape)
     m["dcor_noise_floor"] = privacy.dcor_unbiased(xs, noise)
     m["dcor_biased_noise_floor"] = privacy.dcor_biased(xs, noise)
+    if options.query_free:
+        m.update(query_free(trained, lower, x_aux, data.y_train[aux], t_aux, z_test, t_test,
+                            options))
     k = min(GRID_SAMPLES, len(t_test))
     return CellPrivacy(m, t_test[:k].round(4).tolist(),
                        np.clip(recon[:k], 0, 1).round(4).tolist())
+
+
+def query_free(trained: Any, lower: Any, x_aux: np.ndarray, y_aux: np.ndarray,
+               t_aux: np.ndarray, z_test: np.ndarray, t_test: np.ndarray,
+               options: PrivacyOptions) -> dict[str, Any]:
+    """The query-free attack (He et al., ACSAC 2019): the server never queries the client.
+
+    It trains a *shadow* client -- the client segment's architecture, fresh weights -- on its
+    labelled auxiliary data through its own frozen server segment, so the shadow learns
+    features the server reads like the real client's; a decoder trained from the shadow's
+    features to inputs then inverts the **real** cut tensors. Vertical and ushape have no
+    server segment that maps one party's cut to the labels: ``None`` there.
+    """
+    import copy
+
+    import torch
+
+    spec = trained.spec
+    if spec.config in ("vertical", "ushape"):
+        return {"query_free_psnr_db": None, "query_free_ssim": None}
+    server = copy.deepcopy(trained.server_segment).eval()
+    for p in server.parameters():
+        p.requires_grad_(False)
+    shadow = copy.deepcopy(lower)
+    torch.manual_seed(options.seed)
+    for module in shadow.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    shadow.train()
+    opt = torch.optim.Adam(shadow.parameters(), lr=3e-3)
+    xa = torch.from_numpy(np.ascontiguousarray(x_aux))
+    ya = torch.from_numpy(np.asarray(y_aux, dtype=np.int64))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(options.shadow_steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(server(shadow(xa)), ya).backward()
+        opt.step()
+    shadow.eval()
+    z_shadow = cut_tensors(shadow, x_aux, spec.codec, spec.batch_size)
+    # the shadow's features match the real ones up to scale: standardise each on its own, and
+    # keep reconstructions in the input range the attacker knows from its data
+    recon = np.clip(fit_decoder(z_shadow, t_aux, z_test, options, torch, own_stats=True), 0, 1)
+    shape = privacy.image_shape(trained.dataset.x_test.shape[1:])
+    return {"query_free_psnr_db": privacy.psnr(t_test, recon),
+            "query_free_ssim": privacy.ssim(t_test, recon, shape)}
 
 
 def cut_tensors(lower: Any, x: np.ndarray, codec: str, batch_size: int) -> np.ndarray:
@@ -287,7 +338,7 @@ def cut_tensors(lower: Any, x: np.ndarray, codec: str, batch_size: int) -> np.nd
 
 
 def fit_decoder(z_aux: np.ndarray, t_aux: np.ndarray, z_test: np.ndarray,
-                options: PrivacyOptions, torch: Any) -> np.ndarray:
+                options: PrivacyOptions, torch: Any, *, own_stats: bool = False) -> np.ndarray:
     """Train an MLP ``cut -> input`` on the attacker's pairs; return its test reconstructions.
 
     Full-batch Adam on standardised cut tensors: a few hundred steps of a 2-hidden-layer MLP
@@ -313,7 +364,10 @@ def fit_decoder(z_aux: np.ndarray, t_aux: np.ndarray, z_test: np.ndarray,
         loss = ((dec(zin) - target) ** 2).mean()
         loss.backward()
         opt.step()
-    zt = torch.from_numpy(((z_test.reshape(len(z_test), -1) - mu) / sd).astype(np.float32))
+    zt = z_test.reshape(len(z_test), -1)
+    if own_stats:   # features of another model: match their statistics, not the aux ones
+        mu, sd = zt.mean(0), zt.std(0) + 1e-6
+    zt = torch.from_numpy(((zt - mu) / sd).astype(np.float32))
     with torch.no_grad():
         return dec(zt).numpy()
 

@@ -91,6 +91,8 @@ class SweepArgs:
     fresh: bool = False
     #: run the privacy attacks once per cut x codec (:mod:`edgesplit.evaluate.privacy_run`)
     privacy: bool = False
+    #: also the query-free attack (``--privacy full``)
+    privacy_full: bool = False
     #: the attacker's auxiliary data, as a fraction of the training data
     privacy_aux: float = 0.2
     #: privacy defenses at the cut for every cell (:mod:`edgesplit.split.defense`)
@@ -281,7 +283,8 @@ def _privacy_cell(args: SweepArgs, spec: TrainSpec, key: dict[str, Any], cache: 
     cached)."""
     from edgesplit.evaluate.privacy_run import PrivacyOptions, train_and_attack
 
-    options = PrivacyOptions(aux_fraction=args.privacy_aux, seed=seed)
+    options = PrivacyOptions(aux_fraction=args.privacy_aux, seed=seed,
+                             query_free=args.privacy_full)
     pkey = {"cell": key, "options": asdict(options), "schema": PRIVACY_SCHEMA}
     ppath = cache / f"{_slug(cut, codec, seed)}-{_digest(pkey)}.privacy.json"
     if not args.fresh:

@@ -181,7 +181,8 @@ def test_privacy_options_are_checked() -> None:
 # ------------------------------------------------------------------------------ end to end
 def test_train_and_attack_records_the_gradients_the_client_receives() -> None:
     spec = TrainSpec(data="digits", cut="relu2", codec="q4+zstd", epochs=2)
-    result, cell = train_and_attack(spec, PrivacyOptions(decoder_steps=30))
+    result, cell = train_and_attack(spec, PrivacyOptions(decoder_steps=30, query_free=True,
+                                                         shadow_steps=100))
     m = cell.metrics
     assert result.accuracy > 0.5
     assert len(m["label_cosine_auc_per_epoch"]) == 2
@@ -189,6 +190,8 @@ def test_train_and_attack_records_the_gradients_the_client_receives() -> None:
     assert m["label_auc"] > 0.9
     assert m["inversion_psnr_db"] > m["mean_baseline_psnr_db"]
     assert len(cell.reconstructions) == len(cell.originals) == 8
+    # the query-free attack (shadow client through the frozen server) beats the baseline too
+    assert m["query_free_psnr_db"] > m["mean_baseline_psnr_db"] + 1
 
 
 def test_evaluate_privacy_cli_writes_the_columns_and_reuses_the_cache(
@@ -197,8 +200,8 @@ def test_evaluate_privacy_cli_writes_the_columns_and_reuses_the_cache(
 
     out = tmp_path / "priv"
     argv = ["evaluate", "--data", "digits", "--cuts", "relu1,relu2", "--codecs", "fp32",
-            "--seeds", "1", "--epochs", "1", "--privacy", "--devices", "rpi4", "--links", "wifi",
-            "--out", str(out), "--json", "--no-progress"]
+            "--seeds", "1", "--epochs", "1", "--privacy", "full", "--devices", "rpi4",
+            "--links", "wifi", "--out", str(out), "--json", "--no-progress"]
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
     for row in doc["rows"]:
@@ -211,6 +214,8 @@ def test_evaluate_privacy_cli_writes_the_columns_and_reuses_the_cache(
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     report = (out / "report.md").read_text()
     assert "## Privacy" in report and "inversion_relu2.png" in report
+    assert "query-free PSNR dB" in report
+    assert "--privacy full" in doc["command"]
     assert "privacy.label_auc" in (out / "results.csv").read_text().splitlines()[0]
     # a rerun re-uses the attacked cells: nothing is trained again
     assert main(argv) == 0
