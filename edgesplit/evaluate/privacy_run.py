@@ -347,7 +347,7 @@ def fit_decoder(z_aux: np.ndarray, t_aux: np.ndarray, z_test: np.ndarray,
     from torch import nn
 
     za = z_aux.reshape(len(z_aux), -1)
-    mu, sd = za.mean(0), za.std(0) + 1e-6
+    mu, sd = za.mean(0), _spread(za)
     gen = torch.Generator().manual_seed(options.seed)
     h = options.decoder_hidden
     dec = nn.Sequential(nn.Linear(za.shape[1], h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
@@ -366,10 +366,19 @@ def fit_decoder(z_aux: np.ndarray, t_aux: np.ndarray, z_test: np.ndarray,
         opt.step()
     zt = z_test.reshape(len(z_test), -1)
     if own_stats:   # features of another model: match their statistics, not the aux ones
-        mu, sd = zt.mean(0), zt.std(0) + 1e-6
+        mu, sd = zt.mean(0), _spread(zt)
     zt = torch.from_numpy(((zt - mu) / sd).astype(np.float32))
     with torch.no_grad():
         return dec(zt).numpy()
+
+
+def _spread(z: np.ndarray) -> np.ndarray:
+    """Per-feature std for standardising; a feature (nearly) constant here gets an infinite
+    spread, so it enters as 0 -- a coarse codec can make a feature constant on the attacker's
+    few samples and vary elsewhere, which would otherwise blow up the decoder's input."""
+    sd = z.std(0)
+    floor = 1e-4 * float(sd.max()) if sd.size and sd.max() > 0 else 1.0
+    return np.where(sd > floor, sd, np.inf)
 
 
 def options_json(options: PrivacyOptions) -> dict[str, Any]:

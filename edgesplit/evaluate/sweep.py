@@ -51,7 +51,7 @@ CACHE_DIR = ".cache"
 #: Bumped when the cache file layout changes (old files are then ignored).
 CACHE_SCHEMA = 1
 #: Bumped when the privacy attacks change what they measure (old privacy files are ignored).
-PRIVACY_SCHEMA = 1
+PRIVACY_SCHEMA = 2
 #: Bytes of one predicted class id (int64) in an inference answer frame.
 PREDICTION_BYTES = 8
 

@@ -252,3 +252,15 @@ def test_gradient_log_keeps_at_most_the_asked_batches_and_pairs_passive_parties(
     grad, labels = batches[0][1]
     assert grad[0, 0] == 11 and list(labels) == [0, 1, 0, 1]   # the holder's 2nd batch labels
     assert log.full("client-0") is False   # a new epoch starts empty
+
+
+def test_decoder_ignores_a_feature_that_is_constant_on_the_attackers_data() -> None:
+    from edgesplit.evaluate.privacy_run import fit_decoder
+
+    rng = np.random.default_rng(0)
+    z_aux = rng.standard_normal((64, 4)).astype(np.float32)
+    z_aux[:, 3] = 0.5                       # a coarse codec made it constant here...
+    z_test = rng.standard_normal((16, 4)).astype(np.float32)   # ...but not here
+    t_aux = rng.random((64, 6)).astype(np.float32)
+    out = fit_decoder(z_aux, t_aux, z_test, PrivacyOptions(decoder_steps=20), torch)
+    assert np.isfinite(out).all() and np.abs(out).max() < 10
