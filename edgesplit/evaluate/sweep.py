@@ -174,7 +174,10 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
         What to sweep and how to judge it.
     train_fn:
         Trains one cell: ``TrainSpec -> TrainResult``. Default: the in-process engine,
-        :func:`edgesplit.train.engine.run_training`.
+        :func:`edgesplit.train.engine.run_training`. With ``args.privacy`` the first seed of
+        every cut x codec is trained by :func:`edgesplit.evaluate.privacy_run.train_and_attack`
+        instead (the same engine, with a transport that records the returned gradients), and
+        its attacks fill ``row["privacy"]``.
     progress:
         Show rich progress bars on stderr (stdout stays free for ``--json``).
     write_report:
