@@ -194,6 +194,9 @@ class EdgeClient:
         A bad codec spec.
     """
 
+    #: Whether this client trains a ushape head (``edgesplit.edge.trainer.EdgeTrainer`` does).
+    trains_head = False
+
     def __init__(
         self,
         bundle: Bundle,
@@ -214,13 +217,13 @@ class EdgeClient:
             raise ConfigError(f"probe_every must be an integer >= 0, got {probe_every!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if mode == "train" and bundle.config == "ushape":
+        if mode == "train" and bundle.config == "ushape" and not self.trains_head:
             # The server's middle can only learn from the gradient of the client's head, and an
             # ONNX head has no autograd: a frozen ushape client can only infer.
             raise ConfigError(
                 f"bundle {bundle.name} is ushape: a frozen edge client cannot train it (the "
-                "server needs the gradient of the client's head); use --mode infer, or a "
-                "trainable torch client (--trainable)"
+                "server needs the gradient of the client's head); export it with `edgesplit "
+                "export --trainable` so the device trains its layers, or use --mode infer"
             )
         self.bundle = bundle
         self.transport = transport

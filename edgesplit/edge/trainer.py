@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edgesplit.codecs import parse_codec
 from edgesplit.edge.bundle import (
     CLIENT_FILE,
     MANIFEST_FILE,
@@ -50,7 +52,7 @@ from edgesplit.errors import ConfigError, ExportError, ProtocolError, TrainingDi
 from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
-from edgesplit.wire.messages import Kind, expect, ids_digest
+from edgesplit.wire.messages import Kind, Message, expect, ids_digest
 
 STATE_FILE = "edge-trainer-state.npz"
 STATE_SCHEMA = 1
@@ -78,49 +80,41 @@ def peak_rss_mib() -> float:
 
 # ---------------------------------------------------------------------------------- the model
 @dataclass
-class TrainableModel:
-    """A trainable bundle's graphs and its current parameters.
+class TrainableGraphs:
+    """The training graphs of one trained part: the client segment, or a ushape head.
 
     Attributes
     ----------
-    bundle: the ordinary bundle (manifest, ``client.onnx`` for frozen inference).
-    section: the manifest's ``trainable`` section.
-    names: parameter names, in graph order.
-    params: current parameters (float32 arrays, updated in place by the optimizer).
+    section: its manifest section (``trainable``, or ``trainable.head``).
+    first, count: where its parameters sit in :attr:`TrainableModel.params`.
     """
 
-    bundle: Bundle
     section: dict[str, Any]
-    names: list[str]
-    params: list[np.ndarray]
-    _forward: Any = field(repr=False)
-    _backward: Any = field(repr=False)
-    _template: bytes = field(repr=False)
+    first: int
+    count: int
+    forward: Any = field(repr=False)
+    backward: Any = field(repr=False)
+    template: bytes = field(repr=False)
 
-    @property
-    def forward_inputs(self) -> list[str]:
-        return list(self.section["forward"]["inputs"])
-
-    def forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Cut tensor and residuals for a batch ``x`` (this party's features)."""
-        x = self.bundle.input.check(x, f"input of {self.bundle.name}")
-        feeds = {p["input"]: v for p, v in zip(self.section["params"], self.params, strict=True)}
+    def run_forward(self, params: list[np.ndarray], x: np.ndarray
+                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        mine = params[self.first:self.first + self.count]
+        feeds = {p["input"]: v for p, v in zip(self.section["params"], mine, strict=True)}
         feeds[self.section["forward"]["inputs"][-1]] = x
-        out = _run(self._forward, feeds, "the forward graph")
+        out = _run(self.forward, feeds, "a forward graph")
         return out[0], out[1:]
 
-    def backward(self, residuals: list[np.ndarray], grad: np.ndarray) -> list[np.ndarray]:
-        """Parameter gradients from a step's residuals and the cut gradient."""
+    def run_backward(self, residuals: list[np.ndarray], grad: np.ndarray) -> list[np.ndarray]:
         names = self.section["backward"]["inputs"]
         feeds = dict(zip(names[:-1], residuals, strict=True))
         feeds[names[-1]] = grad
-        return _run(self._backward, feeds, "the backward graph")
+        return _run(self.backward, feeds, "a backward graph")
 
-    def client_onnx(self) -> bytes:
-        """An ordinary ``client.onnx`` (input ``x``, output ``cut``) holding the current
-        parameters: the template with each parameter's bytes written over its initializer."""
-        data = bytearray(self._template)
-        for spec, value in zip(self.section["params"], self.params, strict=True):
+    def model_bytes(self, params: list[np.ndarray]) -> bytes:
+        """The inference template with the current parameters written over its initializers."""
+        data = bytearray(self.template)
+        mine = params[self.first:self.first + self.count]
+        for spec, value in zip(self.section["params"], mine, strict=True):
             raw = np.ascontiguousarray(value, dtype="<f4").tobytes()
             if len(raw) != spec["nbytes"]:
                 raise ConfigError(f"parameter {spec['name']!r} has {len(raw)} bytes, the "
@@ -128,10 +122,67 @@ class TrainableModel:
             data[spec["offset"]: spec["offset"] + len(raw)] = raw
         return bytes(data)
 
-    def inference_session(self) -> Any:
-        """An ONNX Runtime session of :meth:`client_onnx` (x → cut with current parameters)."""
+
+@dataclass
+class TrainableModel:
+    """A trainable bundle's graphs and its current parameters.
+
+    Attributes
+    ----------
+    bundle: the ordinary bundle (manifest, ``client.onnx`` for frozen inference).
+    section: the manifest's ``trainable`` section.
+    names: parameter names, in graph order (a ushape head's prefixed ``head.``).
+    params: current parameters (float32 arrays, updated in place by the optimizer): the
+        segment's, then the head's.
+    lower, head: the segment's training graphs, and the ushape head's (else ``None``).
+    """
+
+    bundle: Bundle
+    section: dict[str, Any]
+    names: list[str]
+    params: list[np.ndarray]
+    lower: TrainableGraphs
+    head: TrainableGraphs | None = None
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Cut tensor and residuals for a batch ``x`` (this party's features)."""
+        x = self.bundle.input.check(x, f"input of {self.bundle.name}")
+        return self.lower.run_forward(self.params, x)
+
+    def backward(self, residuals: list[np.ndarray], grad: np.ndarray) -> list[np.ndarray]:
+        """The segment's parameter gradients from a step's residuals and the cut gradient."""
+        return self.lower.run_backward(residuals, grad)
+
+    def head_forward(self, mid: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ushape: logits and residuals of the head for the server's middle output."""
+        if self.head is None or self.bundle.head_input is None:
+            raise ConfigError(f"bundle {self.bundle.name} has no trainable head")
+        mid = self.bundle.head_input.check(mid, f"head input of {self.bundle.name}")
+        return self.head.run_forward(self.params, mid)
+
+    def head_backward(self, residuals: list[np.ndarray], grad_logits: np.ndarray
+                      ) -> tuple[list[np.ndarray], np.ndarray]:
+        """ushape: the head's parameter gradients and the gradient of its input."""
+        if self.head is None:
+            raise ConfigError(f"bundle {self.bundle.name} has no trainable head")
+        out = self.head.run_backward(residuals, grad_logits)
+        return out[:-1], out[-1]
+
+    def client_onnx(self) -> bytes:
+        """An ordinary ``client.onnx`` (input ``x``, output ``cut``) holding the current
+        parameters: the template with each parameter's bytes written over its initializer."""
+        return self.lower.model_bytes(self.params)
+
+    def head_onnx(self) -> bytes | None:
+        """ushape: an ordinary ``head.onnx`` with the current head parameters."""
+        return self.head.model_bytes(self.params) if self.head is not None else None
+
+    def inference_session(self, head: bool = False) -> Any:
+        """An ONNX Runtime session of :meth:`client_onnx` (or :meth:`head_onnx`) with the
+        current parameters."""
+        data = self.head_onnx() if head else self.client_onnx()
         try:
-            return ort.InferenceSession(self.client_onnx(), providers=self.bundle.providers)
+            return ort.InferenceSession(data, providers=self.bundle.providers)
         except Exception as exc:   # onnxruntime's pybind errors have no common base class
             raise ExportError(f"onnxruntime cannot load the trained client: {exc}") from None
 
@@ -143,9 +194,9 @@ class TrainableModel:
                                ) -> Path:
         """Write the trained client as an ordinary inference bundle (no training graphs).
 
-        The new ``client.onnx`` replaces the exported one; the manifest's sha256 follows, the
-        ``trainable`` section is dropped and ``device_training`` records what happened. Written
-        aside and renamed into place.
+        The new ``client.onnx`` (and ushape ``head.onnx``) replace the exported ones; the
+        manifest's sha256 follows, the ``trainable`` section is dropped and
+        ``device_training`` records what happened. Written aside and renamed into place.
 
         Raises
         ------
@@ -157,11 +208,12 @@ class TrainableModel:
             raise ConfigError(f"{dest} exists and is not a bundle: refusing to overwrite it")
         manifest = json.loads(json.dumps(self.bundle.manifest))
         manifest.pop("trainable", None)
-        client = self.client_onnx()
-        files = {CLIENT_FILE: client}
+        files = {CLIENT_FILE: self.client_onnx()}
         head = manifest["files"].get("head")
         if head:
-            files[head] = (self.bundle.path / head).read_bytes()
+            head_bytes = self.head_onnx()
+            files[head] = head_bytes if head_bytes is not None else \
+                (self.bundle.path / head).read_bytes()
         manifest["files"]["client"] = CLIENT_FILE
         manifest["sha256"] = {name: sha256_bytes(data) for name, data in files.items()}
         manifest["client"]["file_bytes"] = {name: len(data) for name, data in files.items()}
@@ -211,18 +263,37 @@ def load_trainable(path: str | Path | Bundle, *, intra_op_threads: int | None = 
     if not isinstance(section, dict):
         raise ConfigError(f"bundle {bundle.name} has no training graphs: export it with "
                           "`edgesplit export --trainable` to train it on the device")
+    options = ort.SessionOptions()
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+    names: list[str] = []
+    params: list[np.ndarray] = []
+    lower = _load_part(bundle, section, "trainable", options, names, params, "")
+    head = None
+    if isinstance(section.get("head"), dict):
+        head = _load_part(bundle, section["head"], "trainable.head", options, names, params,
+                          "head.")
+    elif bundle.config == "ushape":
+        raise ConfigError(f"bundle {bundle.name} is ushape but its head has no training graphs;"
+                          " export it again with --trainable")
+    return TrainableModel(bundle, section, names, params, lower, head)
+
+
+def _load_part(bundle: Bundle, section: dict[str, Any], where: str, options: Any,
+               names: list[str], params: list[np.ndarray], prefix: str) -> TrainableGraphs:
+    """Open one part's graphs and append its parameters to ``names``/``params``."""
     try:
         files = section["files"]
         specs = section["params"]
-        names = [str(p["name"]) for p in specs]
+        own = [prefix + str(p["name"]) for p in specs]
     except (KeyError, TypeError):
-        raise ConfigError(f"{bundle.path / MANIFEST_FILE}: malformed 'trainable' section "
+        raise ConfigError(f"{bundle.path / MANIFEST_FILE}: malformed '{where}' section "
                           "(needs files and params)") from None
 
     def read(role: str) -> bytes:
         name = files.get(role)
         if not isinstance(name, str) or Path(name).name != name:
-            raise ConfigError(f"{bundle.path / MANIFEST_FILE}: key 'trainable.files.{role}' "
+            raise ConfigError(f"{bundle.path / MANIFEST_FILE}: key '{where}.files.{role}' "
                               f"must be a file name inside the bundle, got {name!r}")
         try:
             data = (bundle.path / name).read_bytes()
@@ -234,10 +305,6 @@ def load_trainable(path: str | Path | Bundle, *, intra_op_threads: int | None = 
                               f"{bundle.path / name}; export it again")
         return data
 
-    options = ort.SessionOptions()
-    if intra_op_threads is not None:
-        options.intra_op_num_threads = int(intra_op_threads)
-
     def session(data: bytes, what: str) -> Any:
         try:
             return ort.InferenceSession(data, sess_options=options, providers=bundle.providers)
@@ -245,12 +312,12 @@ def load_trainable(path: str | Path | Bundle, *, intra_op_threads: int | None = 
             raise ConfigError(f"onnxruntime cannot load the {what} graph of {bundle.name}: "
                               f"{str(exc).strip().splitlines()[0]}") from None
 
-    forward = session(read("forward"), "forward")
-    backward = session(read("backward"), "backward")
+    forward = session(read("forward"), f"{where} forward")
+    backward = session(read("backward"), f"{where} backward")
     template = read("infer")
+    first = len(params)
     # never allow_pickle: the parameters are plain arrays
     with np.load(io.BytesIO(read("params")), allow_pickle=False) as arrays:
-        params = []
         for spec in specs:
             if spec["key"] not in arrays:
                 raise ConfigError(f"{files['params']} has no array {spec['key']!r} "
@@ -260,7 +327,21 @@ def load_trainable(path: str | Path | Bundle, *, intra_op_threads: int | None = 
                 raise ConfigError(f"parameter {spec['name']!r} has shape {list(value.shape)}, "
                                   f"the manifest says {spec['shape']}")
             params.append(value)
-    return TrainableModel(bundle, section, names, params, forward, backward, template)
+    names.extend(own)
+    return TrainableGraphs(section, first, len(specs), forward, backward, template)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of ``logits`` (N, C) against class ids, and its gradient w.r.t. the
+    logits (``torch.nn.CrossEntropyLoss``'s: (softmax - one-hot) / N), float32."""
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(z)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = float(np.mean(np.log(total[:, 0]) - z[rows, labels]))
+    grad = exp / total
+    grad[rows, labels] -= 1.0
+    return loss, (grad / np.float32(len(labels))).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------- state
@@ -382,9 +463,7 @@ class EdgeTrainer(EdgeClient):
                  codec: str | None = None, state_dir: str | Path | None = None,
                  checkpoint_every: int = 1, index: int = 0, clients: int | None = None
                  ) -> None:
-        if model.bundle.config == "ushape":
-            raise ConfigError("on-device training of a ushape client (its head too) is not "
-                              "supported yet; use a vanilla, splitfed or vertical bundle")
+        self.trains_head = model.head is not None
         super().__init__(model.bundle, transport, codec=codec, mode="train",
                          batch_size=batch_size, session=session, name=name, group=group,
                          seed=seed)
@@ -393,6 +472,7 @@ class EdgeTrainer(EdgeClient):
             raise ConfigError(f"checkpoint_every must be an integer >= 1, got "
                               f"{checkpoint_every!r}")
         self.model = model
+        self.grad_codec = parse_codec(model.bundle.grad_codec)
         self.index = index
         self.clients = clients
         opt = model.section.get("optimizer") or {}
@@ -427,11 +507,11 @@ class EdgeTrainer(EdgeClient):
             raise ConfigError(f"trainer state in {self.state_dir} was made with the "
                               f"{meta.get('optimizer', {}).get('name')} optimizer, not "
                               f"{self.optimizer.name}")
-        for i, spec in enumerate(self.model.section["params"]):
+        for i, current in enumerate(self.model.params):
             value = arrays.get(f"param_{i}")
-            if value is None or list(value.shape) != list(spec["shape"]):
+            if value is None or value.shape != current.shape:
                 raise ConfigError(f"trainer state in {self.state_dir} lacks parameter "
-                                  f"{spec['name']!r} of shape {spec['shape']}")
+                                  f"{self.model.names[i]!r} of shape {list(current.shape)}")
             self.model.params[i] = np.array(value, dtype=np.float32)
         self.optimizer.load_state(arrays)
         self.session = str(meta["session"])
@@ -469,13 +549,17 @@ class EdgeTrainer(EdgeClient):
         cut, residuals = self.model.forward(self.bundle.select_features(xb))
         t1 = time.perf_counter()
         tensors = {"act": encode_frame(cut, self.codec)}
-        if yb is not None:
+        if yb is not None and self.model.head is None:   # ushape labels stay on the device
             tensors["labels"] = encode_frame(yb.astype(self.bundle.label_dtype), "fp32")
         extra = {"ids": ids_digest(ids)} if self.bundle.feature_block is not None and \
             ids is not None else {}
         t2 = time.perf_counter()
+        step = self.step
         reply = expect(self._request(Kind.FORWARD, tensors, train=True, want_grad=True, **extra),
-                       Kind.GRADIENT)
+                       Kind.GRADIENT, Kind.MIDDLE)
+        head_grads: list[np.ndarray] = []
+        if self.model.head is not None:
+            reply, head_grads, result = self._ushape_head(reply, yb, step, tensors, s)
         t3 = time.perf_counter()
         if "grad" not in reply.tensors:
             raise ProtocolError("the server answered without a gradient: it does not train "
@@ -491,7 +575,7 @@ class EdgeTrainer(EdgeClient):
         grads = self.model.backward(residuals, grad)
         del residuals   # they live only between this step's forward and backward
         t5 = time.perf_counter()
-        self.optimizer.step(self.model.params, grads)
+        self.optimizer.step(self.model.params, [*grads, *head_grads])
         t6 = time.perf_counter()
         for part, dt in zip(_TRAIN_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5),
                             strict=True):
@@ -501,10 +585,41 @@ class EdgeTrainer(EdgeClient):
         self._bytes["up"] += up
         self._bytes["up_fp32"] += up - len(tensors["act"]) + fp32_frame_size(tuple(cut.shape))
         self._bytes["down"] += reply.tensor_bytes()
+        if self.model.head is not None:
+            return result
         meta = reply.meta
         loss = meta.get("loss")
         return (float(loss) if isinstance(loss, int | float) else float("nan"),
                 int(meta.get("correct", 0)), int(meta.get("n", len(xb))))
+
+    def _ushape_head(self, reply: Message, yb: np.ndarray | None, step: int,
+                     tensors: dict[str, bytes], seconds: dict[str, float]
+                     ) -> tuple[Message, list[np.ndarray], tuple[float, int, int]]:
+        """ushape: the head runs here on the server's middle output, the loss is computed here
+        (labels never leave the device), and the gradient of the middle goes back
+        (MIDDLE_GRAD, same step id) for the cut gradient. Returns the GRADIENT reply, the
+        head's parameter gradients and (loss, correct, n)."""
+        if yb is None:
+            raise ConfigError("ushape training needs this device's labels")
+        if "mid" not in reply.tensors:
+            raise ProtocolError("the ushape server answered FORWARD without a middle output")
+        t0 = time.perf_counter()
+        mid = np.ascontiguousarray(decode_frame(reply.frame("mid")), dtype=np.float32)
+        logits, residuals = self.model.head_forward(mid)
+        loss, grad_logits = cross_entropy(logits, yb)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged at step {step} (loss {loss:.4g}); "
+                                   "lower the lr or use a finer codec")
+        head_grads, grad_mid = self.model.head_backward(residuals, grad_logits)
+        frame = encode_frame(np.ascontiguousarray(grad_mid, dtype=np.float32), self.grad_codec)
+        seconds["backward"] += time.perf_counter() - t0
+        self._bytes["down"] += reply.tensor_bytes()
+        self._bytes["up"] += len(frame)
+        self._bytes["up_fp32"] += fp32_frame_size(tuple(grad_mid.shape))
+        self.step = step   # MIDDLE_GRAD answers the FORWARD of the same step
+        second = expect(self._request(Kind.MIDDLE_GRAD, {"grad": frame}), Kind.GRADIENT)
+        correct = int((logits.argmax(axis=1) == yb).sum())
+        return second, head_grads, (loss, correct, len(yb))
 
     # ------------------------------------------------------------------ whole runs
     def fit(self, x: Any, y: Any, *, epochs: int = 1, x_test: Any = None, y_test: Any = None,
@@ -620,13 +735,23 @@ class EdgeTrainer(EdgeClient):
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.asarray(y).astype(np.int64)
         session = self.model.inference_session()
+        head = self.model.inference_session(head=True) if self.model.head is not None else None
         correct = 0
         for s in range(0, len(x), batch_size):
             xb = self.bundle.select_features(x[s:s + batch_size])
             (cut,) = session.run(None, {"x": xb})
             tensors = {"act": encode_frame(np.asarray(cut), self.codec)}
-            reply = expect(self._request(Kind.PREDICT, tensors), Kind.PREDICTION)
-            pred = decode_frame(reply.frame("pred")).astype(np.int64)
+            reply = expect(self._request(Kind.PREDICT, tensors), Kind.PREDICTION, Kind.MIDDLE)
+            if reply.kind == Kind.MIDDLE:
+                if head is None:
+                    raise ProtocolError("the server sent a ushape middle output, but this "
+                                        "bundle has no head")
+                mid = np.ascontiguousarray(decode_frame(reply.frame("mid")), dtype=np.float32)
+                (logits,) = head.run(None, {self.bundle.head_input.name: mid}) \
+                    if self.bundle.head_input else (None,)
+                pred = np.asarray(logits).argmax(axis=1).astype(np.int64)
+            else:
+                pred = decode_frame(reply.frame("pred")).astype(np.int64)
             if pred.shape != (len(xb),):
                 raise ProtocolError(f"server answered {tuple(pred.shape)} predictions for "
                                     f"{len(xb)} samples")

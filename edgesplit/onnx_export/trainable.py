@@ -166,8 +166,8 @@ def _symbolize_batch(gm: torch.fx.GraphModule, twin: torch.fx.GraphModule, batch
 
 
 def _capture(lower: nn.Module, names: list[str], batch: int, sample_shape: tuple[int, ...],
-             decompositions: dict[Any, Any] | None) -> tuple[torch.fx.GraphModule,
-                                                             torch.fx.GraphModule, list[Any]]:
+             decompositions: dict[Any, Any] | None, input_grad: bool = False
+             ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, list[Any]]:
     """AOTAutograd forward/backward graphs of ``lower`` at one batch size, and the fw outputs."""
     from torch._functorch.aot_autograd import aot_function, make_boxed_func
     from torch.func import functional_call
@@ -186,10 +186,10 @@ def _capture(lower: nn.Module, names: list[str], batch: int, sample_shape: tuple
     compiled = aot_function(fn, fw_compiler=keep("fw"), bw_compiler=keep("bw"),
                             decompositions=decompositions or {})
     params = [p.detach().clone().requires_grad_(True) for p in lower.parameters()]
-    x = torch.randn(batch, *sample_shape)
+    x = torch.randn(batch, *sample_shape).requires_grad_(input_grad)
     out = compiled(*params, x)
     out.backward(torch.randn_like(out))
-    fw_outputs = graphs["fw"](*[p.detach() for p in params], x)
+    fw_outputs = graphs["fw"](*[p.detach() for p in params], x.detach())
     return graphs["fw"], graphs["bw"], list(fw_outputs)
 
 
@@ -248,7 +248,8 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
 
 
 def _infer_template(fw: torch.fx.GraphModule, names: list[str], params: list[np.ndarray],
-                    example: torch.Tensor, opset: int) -> tuple[bytes, list[dict[str, int]]]:
+                    example: torch.Tensor, opset: int, names_io: tuple[str, str] = ("x", "cut")
+                    ) -> tuple[bytes, list[dict[str, int]]]:
     """The inference graph with the parameters as raw initializers, and where their bytes are.
 
     The device overwrites those byte ranges with trained values of the same size (protobuf
@@ -261,13 +262,13 @@ def _infer_template(fw: torch.fx.GraphModule, names: list[str], params: list[np.
     node.args = (node.args[0][0],)
     module.graph.eliminate_dead_code()
     module.recompile()
-    inputs = [f"param_{i}" for i in range(len(names))] + ["x"]
+    inputs = [f"param_{i}" for i in range(len(names))] + [names_io[0]]
     model = _export_graph(module, (*[torch.from_numpy(p) for p in params], example), inputs,
-                          ["cut"], [False] * len(names) + [True], "inference", opset)
+                          [names_io[1]], [False] * len(names) + [True], "inference", opset)
     graph = model.graph
-    keep = [i for i in graph.input if i.name == "x"]
+    keep = [i for i in graph.input if i.name == names_io[0]]
     by_name = {f"param_{i}": p for i, p in enumerate(params)}
-    for inp in [i for i in graph.input if i.name != "x"]:
+    for inp in [i for i in graph.input if i.name != names_io[0]]:
         graph.initializer.append(onnx.numpy_helper.from_array(
             np.ascontiguousarray(by_name[inp.name], dtype="<f4"), inp.name))
     del graph.input[:]
@@ -289,7 +290,7 @@ def _infer_template(fw: torch.fx.GraphModule, names: list[str], params: list[np.
 # ---------------------------------------------------------------------------------- parity
 def _parity(lower: nn.Module, names: list[str], fw: bytes, bw: bytes, infer: bytes,
             samples: np.ndarray, batch_sizes: Sequence[int], residuals: list[str],
-            grads: list[str]) -> dict[str, Any]:
+            input_grad: bool = False, names_io: tuple[str, str] = ("x", "cut")) -> dict[str, Any]:
     """ORT forward+backward against torch autograd; returns a record (``passed`` inside)."""
     fw_s, bw_s, inf_s = ort_session(fw), ort_session(bw), ort_session(infer)
     rng = np.random.default_rng(0)
@@ -300,19 +301,23 @@ def _parity(lower: nn.Module, names: list[str], fw: bytes, bw: bytes, infer: byt
     for size in batch_sizes:
         x = samples[rng.integers(0, len(samples), size)]
         module = copy.deepcopy(lower).train()
-        xt = torch.from_numpy(x)
+        xt = torch.from_numpy(x).requires_grad_(input_grad)
         cut_t = module(xt)
         g = rng.standard_normal(cut_t.shape).astype(np.float32)
         cut_t.backward(torch.from_numpy(g))
         ref = {"cut": cut_t.detach().numpy()}
         ref.update({f"grad {n}": p.grad.numpy() for n, p in module.named_parameters()
                     if p.grad is not None})
+        if input_grad and xt.grad is not None:
+            ref["grad input"] = xt.grad.numpy()
         feeds = {f"param_{i}": params[n] for i, n in enumerate(names)}
-        out = fw_s.run(None, {**feeds, "x": x})
+        out = fw_s.run(None, {**feeds, names_io[0]: x})
         got = {"cut": out[0]}
         back = bw_s.run(None, {**dict(zip(residuals, out[1:], strict=True)), "grad_cut": g})
-        got.update({f"grad {n}": v for n, v in zip(names, back, strict=True)})
-        got["inference cut"] = inf_s.run(None, {"x": x})[0]
+        got.update({f"grad {n}": v for n, v in zip(names, back[:len(names)], strict=True)})
+        if input_grad:
+            got["grad input"] = back[len(names)]
+        got["inference cut"] = inf_s.run(None, {names_io[0]: x})[0]
         ref["inference cut"] = ref["cut"]
         for key, want in ref.items():
             have = got.get(key)
@@ -336,7 +341,8 @@ def _parity(lower: nn.Module, names: list[str], fw: bytes, bw: bytes, infer: byt
 def build_trainable(lower: nn.Module, samples: np.ndarray, *,
                     decompositions: dict[Any, Any] | None = None,
                     check_layers: bool = True, opset: int = DEFAULT_OPSET,
-                    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES
+                    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES, input_grad: bool = False,
+                    prefix: str = "", names_io: tuple[str, str] = ("x", "cut")
                     ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The trainable files of one client segment and its ``trainable`` manifest section.
 
@@ -353,6 +359,11 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
         Refuse layers outside :data:`TRAINABLE_LAYERS` before trying.
     opset, batch_sizes:
         ai.onnx opset; batch sizes of the gradient parity check.
+    input_grad:
+        The backward graph also returns the gradient of the input (``grad_input``, last): a
+        ushape head passes it on to the server.
+    prefix, names_io:
+        File name prefix (``head_``) and the input/output names of the inference graph.
 
     Raises
     ------
@@ -368,7 +379,8 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
     sample_shape = tuple(samples.shape[1:])
     decomp = default_decompositions() if decompositions is None else decompositions
     try:
-        captures = [_capture(lower, names, b, sample_shape, decomp) for b in _CAPTURE_BATCHES]
+        captures = [_capture(lower, names, b, sample_shape, decomp, input_grad)
+                    for b in _CAPTURE_BATCHES]
     except Exception as exc:   # AOTAutograd raises torch internals' types; one line for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"cannot capture the segment's forward/backward graphs: "
@@ -392,8 +404,11 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
         missing = [n for n, k in zip(names, kept, strict=False) if not k]
         raise ExportError(f"parameter(s) {', '.join(missing)} get no gradient: remove or freeze "
                           "them before exporting a trainable client")
+    if input_grad and (len(kept) <= len(names) or not kept[len(names)]):
+        raise ExportError("the segment's input gets no gradient; cannot pass one on")
     residuals = [f"res_{k}" for k in range(len(outs) - 1)]
     grads = [f"grad_{i}" for i in range(len(names))]
+    bw_outputs = [*grads, "grad_input"] if input_grad else grads
     params = [p.detach().numpy().copy() for p in lower.parameters()]
     batch = _CAPTURE_BATCHES[0]
     x = torch.from_numpy(np.ascontiguousarray(samples[:1], dtype=np.float32)).expand(
@@ -401,15 +416,15 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
     fw_args = (*[torch.from_numpy(p) for p in params], x)
     fw_outs = fw(*fw_args)
     g = torch.ones_like(fw_outs[0])
-    fw_model = _export_graph(fw, fw_args, [f"param_{i}" for i in range(len(names))] + ["x"],
+    fw_model = _export_graph(fw, fw_args, [f"param_{i}" for i in range(len(names))] + [names_io[0]],
                              ["cut", *residuals], [False] * len(names) + [True], "forward", opset)
     bw_model = _export_graph(bw, (*[t.detach() for t in fw_outs[1:]], g), [*residuals, "grad_cut"],
-                             grads, [*res_batch, True], "backward", opset)
-    infer, spans = _infer_template(fw, names, params, x, opset)
+                             bw_outputs, [*res_batch, True], "backward", opset)
+    infer, spans = _infer_template(fw, names, params, x, opset, names_io)
     fw_bytes, bw_bytes = fw_model.SerializeToString(), bw_model.SerializeToString()
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     parity = _parity(lower, names, fw_bytes, bw_bytes, infer, samples, batch_sizes, residuals,
-                     grads)
+                     input_grad, names_io)
     if not parity["passed"]:
         raise ExportError(
             f"gradient parity FAILED: ONNX forward/backward and torch autograd differ by up to "
@@ -418,12 +433,14 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
     buf = io.BytesIO()
     # arrays only, read back with allow_pickle=False on the device
     np.savez(buf, **{f"param_{i}": p for i, p in enumerate(params)})
-    files = {FORWARD_FILE: fw_bytes, BACKWARD_FILE: bw_bytes, INFER_FILE: infer,
-             PARAMS_FILE: buf.getvalue()}
+    names_of = {role: prefix + name for role, name in (
+        ("forward", FORWARD_FILE), ("backward", BACKWARD_FILE), ("infer", INFER_FILE),
+        ("params", PARAMS_FILE))}
+    files = {names_of["forward"]: fw_bytes, names_of["backward"]: bw_bytes,
+             names_of["infer"]: infer, names_of["params"]: buf.getvalue()}
     section = {
         "schema": TRAINABLE_SCHEMA,
-        "files": {"forward": FORWARD_FILE, "backward": BACKWARD_FILE, "infer": INFER_FILE,
-                  "params": PARAMS_FILE},
+        "files": names_of,
         "params": [{"name": n, "input": f"param_{i}", "grad": grads[i], "key": f"param_{i}",
                     "shape": list(p.shape), "dtype": "float32", **spans[i]}
                    for i, (n, p) in enumerate(zip(names, params, strict=True))],
@@ -431,10 +448,10 @@ def build_trainable(lower: nn.Module, samples: np.ndarray, *,
         "residuals": [{"name": r, "batch_axis": 0 if b else None,
                        "shape": [BATCH, *map(int, o.shape[1:])] if b else list(o.shape)}
                       for r, b, o in zip(residuals, res_batch, outs[1:], strict=True)],
-        "forward": {"inputs": [f"param_{i}" for i in range(len(names))] + ["x"],
+        "forward": {"inputs": [f"param_{i}" for i in range(len(names))] + [names_io[0]],
                     "outputs": ["cut", *residuals]},
-        "backward": {"inputs": [*residuals, "grad_cut"], "outputs": grads},
-        "infer": {"input": "x", "output": "cut"},
+        "backward": {"inputs": [*residuals, "grad_cut"], "outputs": bw_outputs},
+        "infer": {"input": names_io[0], "output": names_io[1]},
         "batch": {"policy": "dynamic", "min": 1, "parity_batch_sizes": list(batch_sizes)},
         "parity": parity,
         "layers": [f"{n} ({type(m).__name__})" for n, m in lower.named_modules()
@@ -468,17 +485,22 @@ def export_trainable(model: SplitModel, out: Path, *, party: int = 0) -> dict[st
     Raises
     ------
     ExportError
-        ushape (its head would have to train too: not supported yet), an untrainable layer
-        (named), a graph the exporter cannot translate, or a gradient parity failure. Nothing
-        is written then.
+        An untrainable layer (named), a graph the exporter cannot translate, or a gradient
+        parity failure (of the segment, or of a ushape head). Nothing is written then.
     """
-    if model.config == "ushape":
-        raise ExportError("--trainable supports vanilla, splitfed and vertical clients; a ushape "
-                          "client's head would have to train on the device too (not supported)")
     model.check_party(party)
     lower = model.lowers[party]
     samples, _source = model.samples(party, 256)
     files, section = build_trainable(lower, samples)   # before anything is written
+    if model.head is not None:
+        # ushape: the head trains on the device too, and passes the gradient of its input
+        # (the server's middle output) back to the server
+        with torch.no_grad():
+            mids = model.server.eval()(lower.eval()(torch.from_numpy(samples))).numpy()
+        head_files, head_section = build_trainable(model.head, mids, input_grad=True,
+                                                   prefix="head_", names_io=("mid", "logits"))
+        files.update(head_files)
+        section["head"] = head_section
     out = Path(out)
     report = export_bundle(model, out, ExportOptions(party=party))
     manifest = dict(report.manifest)

@@ -24,9 +24,13 @@ from edgesplit.edge.optim import SGD, Adam, make_optimizer
 from edgesplit.edge.runtime import EdgeClient
 from edgesplit.edge.trainer import STATE_FILE, EdgeTrainer, load_state, load_trainable
 from edgesplit.errors import ConfigError, TransportError
-from edgesplit.train.checkpoint import load_checkpoint
+from edgesplit.onnx_export import SplitModel
+from edgesplit.onnx_export.trainable import export_trainable
+from edgesplit.train.checkpoint import load_checkpoint, save_checkpoint
 from edgesplit.train.client import SplitClient
+from edgesplit.train.engine import run_training
 from edgesplit.train.server import SplitServer
+from edgesplit.train.spec import TrainSpec
 from edgesplit.transport.grpc_client import GrpcTransport
 from edgesplit.transport.inprocess import InProcessTransport
 
@@ -295,3 +299,43 @@ def test_vertical_parties_train_their_own_layers(trainable_vertical):
         moved = max(float(np.abs(a - b).max()) for a, b in zip(
             trainers[party].model.params, initial[party], strict=True))
         assert moved > 1e-3
+
+
+def test_ushape_device_trains_its_segment_and_head_like_the_torch_client(tmp_path):
+    """ushape: the head runs and trains on the device, the loss is computed there (labels never
+    leave it), and one epoch ends with the torch client's weights; the trained client is
+    written back with its head."""
+    trained = run_training(TrainSpec(epochs=1, seed=0, config="ushape"))
+    ckpt_dir = save_checkpoint(tmp_path / "ckpt", trained)
+    export_trainable(SplitModel.from_checkpoint(load_checkpoint(ckpt_dir)), tmp_path / "b")
+    data = trained.dataset
+
+    ckpt = load_checkpoint(ckpt_dir)
+    engine = SplitServer("ushape", ckpt.parts.server, lr=ckpt.spec.lr)
+    model = load_trainable(tmp_path / "b")
+    assert model.head is not None and model.names[-1] == "head.fc3.bias"
+    trainer = EdgeTrainer(model, InProcessTransport(engine.handle))
+    report = trainer.fit(data.x_train, data.y_train, epochs=1, x_test=data.x_test,
+                         y_test=data.y_test, save_bundle=tmp_path / "trained")
+    assert report.bytes_down > 0 and report.accuracy is not None and report.accuracy > 0.85
+
+    twin = load_checkpoint(ckpt_dir)
+    client = SplitClient("edge", twin.parts.lowers[0],
+                         InProcessTransport(SplitServer("ushape", twin.parts.server,
+                                                        lr=twin.spec.lr).handle),
+                         num_classes=10, lr=twin.spec.lr, head=twin.parts.head)
+    order = np.random.default_rng([0, 0]).permutation(len(data.y_train))
+    for start in range(0, len(order), 32):
+        rows = order[start:start + 32]
+        client.train_step(torch.from_numpy(data.x_train[rows]),
+                          torch.from_numpy(data.y_train[rows]))
+    theirs = [p.detach().numpy() for m in (twin.parts.lowers[0], twin.parts.head)
+              for p in m.parameters()]
+    for name, ours, ref in zip(model.names, model.params, theirs, strict=True):
+        assert float(np.abs(ours - ref).max()) <= 1e-5, name
+
+    written = load_bundle(tmp_path / "trained")
+    mid = np.random.default_rng(0).standard_normal((4, *written.head_input.shape)).astype(
+        np.float32)
+    logits, _ = model.head_forward(mid)
+    np.testing.assert_allclose(written.run_head(mid), logits, atol=1e-5)

@@ -25,13 +25,12 @@ from edgesplit.onnx_export.trainable import (
 )
 
 
-def _split_model(config: str = "vanilla") -> SplitModel:
+def _split_model() -> SplitModel:
     torch.manual_seed(0)
     full = mlp((64,), 10)
     lower, server = full[:2], full[2:]
-    return SplitModel(config=config, lowers=[lower], server=server,
-                      head=nn.Identity() if config == "ushape" else None, input_shape=(64,),
-                      num_classes=10, cuts=("relu1",), trained=False)
+    return SplitModel(config="vanilla", lowers=[lower], server=server, head=None,
+                      input_shape=(64,), num_classes=10, cuts=("relu1",), trained=False)
 
 
 def test_export_writes_a_checked_trainable_bundle(tmp_path):
@@ -98,6 +97,3 @@ def test_untrainable_layers_are_refused_by_name(tmp_path):
     bn = nn.Sequential(OrderedDict([("fc", nn.Linear(4, 4)), ("bn", nn.BatchNorm1d(4))]))
     with pytest.raises(ExportError, match=r"bn \(BatchNorm1d\)"):
         build_trainable(bn, np.zeros((4, 4), np.float32))
-
-    with pytest.raises(ExportError, match="ushape"):
-        export_trainable(_split_model("ushape"), tmp_path / "u")
