@@ -295,11 +295,12 @@ def _print_summary(doc: dict[str, Any], out: Any, trained: int, reused: int) -> 
                      str(r.get("codec") or "—"), "—" if lat is None else f"{lat:,.1f}",
                      "" if r.get("found") else str(r.get("reason")))
     console.print(recs)
-    if any("privacy" in r for r in doc.get("rows", [])):
+    private = any("privacy" in r for r in doc.get("rows", []))
+    if private:
         _print_privacy(console, doc)
     console.print(f"cells trained {trained}, reused from cache {reused}")
     console.print(f"wrote {out}/results.json, results.csv, report.md, accuracy_vs_bytes.png, "
-                  f"latency.png")
+                  f"latency.png" + (", privacy.png, inversion_<cut>.png" if private else ""))
     if sys.stdout.isatty():
         console.print(f"open {out}/report.md for the full report")
 
