@@ -1,7 +1,9 @@
 """``edgesplit client``: run an exported client bundle against ``edgesplit serve``.
 
 The default path is the torch-free edge runtime (:mod:`edgesplit.edge.runtime`): it needs only
-the base install. ``--trainable`` hands over to the torch client that trains its own lower layers
+the base install. With ``--mode train`` and a bundle exported with ``--trainable``, the device
+trains its own layers (:mod:`edgesplit.edge.trainer`, still torch-free).
+``--trainable`` hands over to the torch client that trains its own lower layers
 (``edgesplit.train.remote.run_trainable_client``, needs ``edgesplit[train]``).
 
 Only the standard library is imported at module level: ``edgesplit client --help`` must work on a
@@ -122,9 +124,10 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
         "  infer  the server returns class ids (ushape: its middle output, finished on this\n"
         "         device by the bundle's head); uses x_test/y_test of an .npz when present,\n"
         "         else x[/y]; the test split of a built-in dataset\n"
-        "  train  the server trains its layers on this client's activations and labels (the\n"
-        "         bundle itself stays frozen); uses x/y of an .npz, the training split of a\n"
-        "         built-in dataset\n\n"
+        "  train  the server trains its layers on this client's activations and labels; a\n"
+        "         bundle exported with --trainable trains its own layers too, here, from the\n"
+        "         gradients it receives (then reports the test accuracy), any other bundle\n"
+        "         stays frozen; uses x/y of an .npz, the training split of a built-in dataset\n\n"
         "With --trainable a torch client (edgesplit[train]) trains its own lower layers "
         "instead.\n\n"
         "example: edgesplit client --bundle export/out/digits-vanilla --server host:50051 "

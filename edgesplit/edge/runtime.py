@@ -19,7 +19,8 @@ Message flow (docs/protocol.md):
 * ``HELLO{mode, codec, runtime: "edge", bundle sha256}`` → ``WELCOME``, once per session.
 * ``train``: ``FORWARD{act, labels, [act_ref]} meta{train: true, want_grad: false}`` →
   ``GRADIENT meta{loss, correct, n}`` without a ``grad``: a frozen client applies nothing, the
-  server trains its own layers on what the codec let through.
+  server trains its own layers on what the codec let through. (A bundle exported with
+  ``--trainable`` trains its own layers too: :class:`edgesplit.edge.trainer.EdgeTrainer`.)
 * ``infer``: ``PREDICT{act, [labels], [act_ref]}`` → ``PREDICTION{pred}``, or for a ushape
   bundle ``MIDDLE{mid}``, which the bundle's head turns into class ids on the device (labels of
   a ushape client never leave it).
