@@ -48,11 +48,23 @@ def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -
         "contiguous blocks)",
     )
     g.add_argument(
-        "--codec",
-        default="fp32",
-        help="codec for activations, e.g. fp32, fp16, q8+zstd, q4+zstd, topk:0.1+q8+zstd",
+        "--bottleneck",
+        default=None,
+        metavar="D[:BITS]",
+        help="learned bottleneck at the cut: D channels at BITS fixed-range bits (default 2), "
+        "encoder exported in client.onnx, decoder on the server, e.g. 16:2 (default: none)",
     )
-    g.add_argument("--grad-codec", default="fp32", help="codec for gradients")
+    g.add_argument(
+        "--codec",
+        default=None,
+        help="codec for activations, e.g. fp32, fp16, q8+zstd, q4+zstd, topk:0.1+q8+zstd "
+        "(default: fp32; with --bottleneck D:B, fq:B,ans — fixed levels, entropy-coded)",
+    )
+    g.add_argument(
+        "--grad-codec",
+        default=None,
+        help="codec for gradients (default: fp32; with --bottleneck, q4:stochastic)",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
     g.add_argument("--batch-size", type=int, default=32, help="samples per step")
@@ -71,16 +83,19 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
+    from edgesplit.split.bottleneck import default_codecs
     from edgesplit.train.spec import TrainSpec
 
+    codec, grad_codec = default_codecs(args.bottleneck)
     return TrainSpec(
         data=args.data,
         config=args.config,
         clients=args.clients,
         model=args.model,
         cut=args.cut,
-        codec=args.codec,
-        grad_codec=args.grad_codec,
+        codec=args.codec or codec,
+        grad_codec=args.grad_codec or grad_codec,
+        bottleneck=args.bottleneck,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

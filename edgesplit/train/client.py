@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgesplit.errors import ProtocolError, TrainingDiverged
+from edgesplit.split.bottleneck import param_groups
 from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels
 from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
@@ -62,6 +63,9 @@ class SplitClient:
     group: str = ""
     send_labels: bool = True
     measure_snr: bool = True
+    #: Per-sample cut shape without the bottleneck: fp32 reference counts use it (``None``:
+    #: the shape of what is sent).
+    reference_shape: tuple[int, ...] | None = None
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     step: int = 0
     bytes: ClientBytes = field(init=False)
@@ -70,8 +74,12 @@ class SplitClient:
         self.bytes = ClientBytes(self.name)
         self.act = TensorCodec.from_spec(self.codec, measure_snr=self.measure_snr)
         self.grad = TensorCodec.from_spec(self.grad_codec, measure_snr=False)
-        params = list(self.lower.parameters()) + (list(self.head.parameters()) if self.head else [])
-        self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        groups = param_groups(self.lower, self.lr)
+        if self.head is not None:
+            groups += param_groups(self.head, self.lr)
+        self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        #: An entropy model fitted here that the server has not received yet (a raw frame).
+        self.pending_model: bytes | None = None
         self.loss_fn = nn.CrossEntropyLoss()
 
     # ------------------------------------------------------------------ protocol plumbing
@@ -110,9 +118,9 @@ class SplitClient:
         self.step += 1
         self.lower.train()
         act = self.lower(x)
-        frame = self.act.encode(act)
-        tensors = {"act": frame}
-        fp32_up = fp32_frame_size(tuple(act.shape))
+        frame = self.act.encode(act, fit=True)
+        tensors = self._with_model({"act": frame})
+        fp32_up = fp32_frame_size(self._reference(act))
         if self.head is None and self.send_labels and y is not None:
             tensors["labels"] = encode_labels(y, self.num_classes)
             fp32_up += len(tensors["labels"])
@@ -128,10 +136,11 @@ class SplitClient:
             Kind.GRADIENT,
             Kind.MIDDLE,
         )
+        self.pending_model = None  # the server accepted the frame, so it holds the model
         if self.head is not None:
             return self._ushape_rest(act, y, reply)
         grad = self.grad.decode(reply.frame("grad"))
-        self._count_down_fp32(reply, "grad", tuple(grad.shape))
+        self._count_down_fp32(reply, "grad", self._reference(act))
         self._apply(act, grad)
         meta = reply.meta
         return StepResult(
@@ -139,6 +148,25 @@ class SplitClient:
             int(meta.get("correct", 0)),
             int(meta.get("n", len(x))),
         )
+
+    def _reference(self, act: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the fp32 reference of ``act``: the cut without the bottleneck."""
+        per_sample = self.reference_shape or tuple(act.shape[1:])
+        return (len(act), *per_sample)
+
+    def _with_model(self, tensors: dict[str, bytes]) -> dict[str, bytes]:
+        """Attach the entropy model the server has not received yet (side information: sent
+        once per model, with the first frame that uses it, and counted like every byte)."""
+        if self.pending_model is not None:
+            tensors["emodel"] = self.pending_model
+        return tensors
+
+    def refit_entropy_model(self) -> None:
+        """End of an epoch: fit the activation codec's entropy model on this epoch's codes
+        (``fq:B,ans`` only); the next FORWARD carries it to the server, then frames use it."""
+        model = self.act.refit()
+        if model is not None:
+            self.pending_model = encode_frame(model.freqs, "fp32")
 
     def _ushape_rest(self, act: torch.Tensor, y: torch.Tensor | None, reply: Message) -> StepResult:
         if y is None or self.head is None:
@@ -161,7 +189,7 @@ class SplitClient:
             Kind.GRADIENT,
         )
         grad = self.grad.decode(reply2.frame("grad"))
-        self._count_down_fp32(reply2, "grad", tuple(grad.shape))
+        self._count_down_fp32(reply2, "grad", self._reference(act))
         act.backward(self._checked(grad, act))
         self.optimizer.step()
         correct = int((logits.argmax(1) == y).sum())
@@ -186,11 +214,11 @@ class SplitClient:
         self.step += 1
         self.lower.eval()
         act = self.lower(x)
+        tensors = self._with_model({"act": self.act.encode(act)})
         reply = expect(
-            self._send(Kind.PREDICT, {"act": self.act.encode(act)}, 0, count=False),
-            Kind.PREDICTION,
-            Kind.MIDDLE,
+            self._send(Kind.PREDICT, tensors, 0, count=False), Kind.PREDICTION, Kind.MIDDLE
         )
+        self.pending_model = None
         if self.head is None:
             return decode_labels(reply.frame("pred")).numpy()
         self.head.eval()

@@ -23,6 +23,7 @@ from torch import nn
 from edgesplit.data import Dataset, iid_shard_indices, load_dataset
 from edgesplit.errors import ConfigError, TrainingDiverged
 from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
+from edgesplit.split.bottleneck import BottleneckSpec, with_decoder, with_encoder
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
 from edgesplit.split.profile import profile_segment
 from edgesplit.train.client import SplitClient, StepResult
@@ -157,6 +158,9 @@ class SplitParts:
     cuts: tuple[str, ...]
     blocks: list[tuple[int, int]]  # vertical feature blocks
     party_shapes: list[tuple[int, ...]]
+    #: Per party, the per-sample cut shape *without* the bottleneck: the fp32 reference every
+    #: ratio is measured against (the same model without bottleneck at the same position).
+    reference_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def build_split(
@@ -165,27 +169,40 @@ def build_split(
     num_classes: int,
     example: torch.Tensor | None = None,
 ) -> SplitParts:
-    """Build the model ``spec`` names for this data and cut it as its configuration needs."""
+    """Build the model ``spec`` names for this data and cut it as its configuration needs
+    (with the learned bottleneck of ``spec.bottleneck`` at the first cut)."""
     cuts = resolve_cuts(spec, input_shape)
     model = build_model(spec.model, input_shape, num_classes)
     if example is not None:
         check_chain(model, example)
-    if spec.config == "ushape":
-        lower, middle, head = cut_ushape(model, *cuts)
-        return SplitParts([lower], middle, head, cuts, [], [input_shape])
-    if spec.config != "vertical":
-        lower, upper = cut_model(model, cuts[0])
-        return SplitParts([lower], upper, None, cuts, [], [input_shape])
+    neck = BottleneckSpec.parse(spec.bottleneck) if spec.bottleneck else None
+
+    def cut_shape(lower: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(profile_segment(lower, shape).output_shape)
+
+    if spec.config in ("vanilla", "splitfed", "ushape"):
+        if spec.config == "ushape":
+            lower, upper, head = cut_ushape(model, *cuts)
+        else:
+            (lower, upper), head = cut_model(model, cuts[0]), None
+        ref = cut_shape(lower, input_shape)
+        if neck is not None:
+            lower, upper = with_encoder(lower, neck, ref), with_decoder(upper, neck, ref)
+        return SplitParts([lower], upper, head, cuts, [], [input_shape], [ref])
     blocks = feature_blocks(input_shape[-1], spec.clients, spec.feature_split)
-    lowers, shapes, width = [], [], 0
+    lowers, shapes, refs, width = [], [], [], 0
     for lo, hi in blocks:
         shape = (*input_shape[:-1], hi - lo)
         lower, _ = cut_model(build_model(spec.model, shape, num_classes), cuts[0])
+        refs.append(cut_shape(lower, shape))
+        if neck is not None:
+            # each party sends its own D channels; the server's fused first layer decodes them
+            lower = with_encoder(lower, neck, refs[-1])
         lowers.append(lower)
         shapes.append(shape)
-        width += math.prod(profile_segment(lower, shape).output_shape)
+        width += math.prod(cut_shape(lower, shape))
     _, upper = cut_model(model, cuts[0])
-    return SplitParts(lowers, _fused_upper(upper, width), None, cuts, blocks, shapes)
+    return SplitParts(lowers, _fused_upper(upper, width), None, cuts, blocks, shapes, refs)
 
 
 class _Run:
@@ -209,6 +226,7 @@ class _Run:
         )
         self.cuts, self.blocks, self.head = parts.cuts, parts.blocks, parts.head
         self.party_shapes = parts.party_shapes
+        refs = parts.reference_shapes
         server_seg = parts.server
         lowers, heads = parts.lowers, [parts.head] * len(parts.lowers)
         if spec.config in ("vanilla", "ushape", "splitfed"):
@@ -234,6 +252,7 @@ class _Run:
                 parties=spec.clients if spec.config == "vertical" else None,
                 group=self.group,
                 send_labels=(spec.config != "vertical" or i == 0),
+                reference_shape=refs[i if spec.config == "vertical" else 0],
             )
             for i, lower in enumerate(lowers)
         ]
@@ -293,6 +312,8 @@ class _Run:
         else:  # vertical: every party runs the same batch of sample ids, at once
             for b in range(len(plans[0])):
                 results.append(self._parallel(lambda i, c, b=b: step(i, c, plans[i][b]))[0])
+        for client in self.clients:
+            client.refit_entropy_model()
         n = sum(r.n for r in results)
         return {
             "loss": sum(r.loss * r.n for r in results) / n,

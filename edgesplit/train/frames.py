@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from edgesplit.codecs import Codec, parse_codec
+from edgesplit.codecs.entropy import EntropyModel, ModelTable, code_counts, use_models
+from edgesplit.codecs.fixed import FixedRange
 from edgesplit.wire.frame import (
     DEFAULT_LIMITS,
     FrameLimits,
@@ -46,6 +48,10 @@ class TensorCodec:
     stats: CodecStats = field(default_factory=CodecStats)
     measure_snr: bool = True
     limits: FrameLimits = DEFAULT_LIMITS  # what a decoded frame may claim and allocate
+    #: The entropy models this stream encodes with (its own: never another party's).
+    models: ModelTable = field(default_factory=ModelTable)
+    #: Per-channel code counts since the last :meth:`refit` (``fq:B,ans`` codecs only).
+    counts: np.ndarray | None = None
 
     @classmethod
     def from_spec(
@@ -57,19 +63,44 @@ class TensorCodec:
             limits=limits,
         )
 
-    def encode(self, tensor: torch.Tensor) -> bytes:
+    @property
+    def learns_entropy_model(self) -> bool:
+        value = self.codec.value
+        return isinstance(value, FixedRange) and value.ans
+
+    def encode(self, tensor: torch.Tensor, *, fit: bool = False) -> bytes:
+        """The frame of ``tensor``; with ``fit``, its codes also count towards the next
+        entropy model (training batches only: the model describes the training distribution)."""
         array = tensor.detach().cpu().numpy()
         start = time.perf_counter()
-        frame = encode_frame(array, self.codec)
+        with use_models(self.models):
+            frame = encode_frame(array, self.codec)
         self.stats.encode_seconds += time.perf_counter() - start
+        value = self.codec.value
+        if fit and isinstance(value, FixedRange) and value.ans and array.ndim >= 2:
+            counts = code_counts(value.codes(array), 1 << value.bits)
+            self.counts = counts if self.counts is None else self.counts + counts
         self.stats.frames += 1
         if self.measure_snr:
             # decode a private copy for the distortion figure; its time is not counted as decode
-            decoded = decode_frame(frame)
+            with use_models(self.models):
+                decoded = decode_frame(frame)
             diff = decoded.astype(np.float64) - array.astype(np.float64)
             self.stats.signal_power += float(np.square(array, dtype=np.float64).sum())
             self.stats.noise_power += float(np.square(diff).sum())
         return frame
+
+    def refit(self) -> EntropyModel | None:
+        """Fit an entropy model on the codes counted since the last refit and encode with it
+        from now on; ``None`` when this codec learns no model or nothing was counted."""
+        value = self.codec.value
+        if self.counts is None or not (isinstance(value, FixedRange) and value.ans):
+            return None
+        model = EntropyModel.fit(self.counts)
+        self.counts = None
+        self.models.add(model)
+        self.codec = Codec((value.with_model(model.model_id),), rng=self.codec.rng)
+        return model
 
     def decode(self, frame: bytes) -> torch.Tensor:
         start = time.perf_counter()
@@ -79,11 +110,15 @@ class TensorCodec:
 
 
 def encode_labels(labels: torch.Tensor | np.ndarray, num_classes: int) -> bytes:
-    """Labels travel as the smallest unsigned integer type that holds the class ids."""
+    """Labels travel as the smallest unsigned integer type that holds the class ids,
+    bit-packed at ``ceil(log2(num_classes))`` bits when that is at most 8 (10 classes: 4 bits)."""
     from edgesplit.data import label_dtype
 
     array = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return encode_frame(array.astype(label_dtype(num_classes)), "fp32")
+    bits = max(1, (num_classes - 1).bit_length())
+    return encode_frame(
+        array.astype(label_dtype(num_classes)), "fp32", int_bits=bits if bits <= 8 else None
+    )
 
 
 def decode_labels(frame: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> torch.Tensor:

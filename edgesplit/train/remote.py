@@ -99,6 +99,7 @@ def train_remote(
         group=str(welcome.get("group", "")),
         send_labels=spec.config != "vertical" or index == 0,
         session=session,
+        reference_shape=parts.reference_shapes[index if spec.config == "vertical" else 0],
     )
     client.step = int(welcome.get("resume_step", 1)) - 1
     block = parts.blocks[index] if spec.config == "vertical" else None

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgesplit.codecs.entropy import EntropyModel, ModelTable, use_models
+from edgesplit.codecs.fixed import FixedRange
 from edgesplit.data import label_dtype
 from edgesplit.errors import (
     CodecError,
@@ -30,6 +32,7 @@ from edgesplit.errors import (
     ProtocolError,
     TrainingDiverged,
 )
+from edgesplit.split.bottleneck import param_groups
 from edgesplit.train.barrier import Barriers
 from edgesplit.train.frames import TensorCodec, decode_labels
 from edgesplit.train.probe import compare
@@ -130,11 +133,20 @@ class SplitServer:
         self.config = config
         self.segment = segment
         self.optimizer = optimizer or torch.optim.SGD(
-            segment.parameters(), lr=lr, momentum=momentum
+            param_groups(segment, lr), lr=lr, momentum=momentum
         )
         self.limits = limits
         self.act_codec = TensorCodec.from_spec(codec, measure_snr=False, limits=limits)
         self.grad_codec = TensorCodec.from_spec(grad_codec, measure_snr=False, limits=limits)
+        # ushape's middle outputs are not bounded to [0, 1]: a fixed-range (bottleneck) codec
+        # cannot carry them, so they go down as 8-bit affine codes then
+        self.mid_codec = (
+            TensorCodec.from_spec("q8", measure_snr=False, limits=limits)
+            if isinstance(self.act_codec.codec.value, FixedRange)
+            else self.act_codec
+        )
+        #: Entropy models each client sent (its own table: no client can touch another's).
+        self._models: dict[str, ModelTable] = {}
         self.loss_fn = nn.CrossEntropyLoss()
         self.wait_timeout = wait_timeout
         self.on_probe = on_probe
@@ -342,7 +354,7 @@ class SplitServer:
                 message.session,
                 message.client,
                 message.step,
-                {"mid": self.act_codec.encode(out)},
+                {"mid": self.mid_codec.encode(out)},
             )
         return self._prediction(message, out)
 
@@ -378,7 +390,7 @@ class SplitServer:
             message.session,
             message.client,
             message.step,
-            {"mid": self.act_codec.encode(mid)},
+            {"mid": self.mid_codec.encode(mid)},
         )
 
     def _middle_grad(self, message: Message) -> Message:
@@ -575,8 +587,25 @@ class SplitServer:
                 "lower --lr, or use a finer codec for this cut"
             )
 
+    def _client_models(self, message: Message) -> ModelTable:
+        """The entropy models of ``message.client``, plus the one the message carries."""
+        with self._cond:
+            table = self._models.setdefault(message.client, ModelTable())
+        if "emodel" in message.tensors:
+            freqs = decode_frame(message.tensors["emodel"], self.limits)
+            if freqs.dtype != np.uint16 or freqs.ndim != 2:
+                raise ProtocolError(
+                    f"emodel must be a 2-D uint16 frequency table, got {freqs.dtype} "
+                    f"{tuple(freqs.shape)}"
+                )
+            model = EntropyModel(freqs)  # validates sizes and values
+            with self._cond:
+                table.add(model)
+        return table
+
     def _decode_act(self, message: Message) -> torch.Tensor:
-        act = self.act_codec.decode(message.frame("act"))
+        with use_models(self._client_models(message)):
+            act = self.act_codec.decode(message.frame("act"))
         if act.ndim < 2 or len(act) == 0:
             raise ProtocolError(
                 f"activation frame must be a non-empty batch, got {tuple(act.shape)}"

@@ -1,0 +1,171 @@
+"""A learned bottleneck at the cut: the model learns to produce something cheap to send.
+
+The encoder (to ``D`` channels, a linear map or a 1×1 convolution, then a sigmoid) is the last
+module of the client segment, so it is exported inside ``client.onnx``; its output lies in
+[0, 1] and is quantized to ``2**bits`` *fixed* levels by :class:`FixedRangeQuantizer` — the torch
+half of the ``fq`` codec (:mod:`edgesplit.codecs.fixed`): same float32 operations, so the levels
+the model trains with are the levels the device sends, and nothing (no range, no scale) travels
+per batch. The decoder (back to the cut's width, then a ReLU) is the first module of the server
+segment. Both train end to end; the quantizer passes gradients straight through.
+
+Measured on digits (README): 16 channels at 2 bits after the first hidden layer cost 4 bytes per
+sample before entropy coding, against 512 for the fp32 cut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgesplit.errors import ConfigError
+
+#: Learning-rate multiplier of the bottleneck's encoder and decoder. The sigmoid and the
+#: quantizer scale their gradients down (at most 1/4 through the sigmoid); with the model's
+#: learning rate they lag the layers around them — measured on digits, 30 epochs, 5 seeds:
+#: ×1 loses 1.3 points against fp32, ×10 loses 0.3.
+LR_SCALE = 10.0
+
+
+@dataclass(frozen=True)
+class BottleneckSpec:
+    """``D[:BITS]``: ``width`` channels quantized to ``bits`` bits each (default 2)."""
+
+    width: int
+    bits: int = 2
+
+    @classmethod
+    def parse(cls, text: str) -> BottleneckSpec:
+        head, _, tail = str(text).partition(":")
+        try:
+            width = int(head)
+            bits = int(tail) if tail else 2
+        except ValueError:
+            raise ConfigError(
+                f"--bottleneck {text!r} must look like D or D:BITS, e.g. 16:2"
+            ) from None
+        if width < 1:
+            raise ConfigError(f"--bottleneck width must be at least 1, got {width}")
+        if not 1 <= bits <= 8:
+            raise ConfigError(f"--bottleneck bits must be 1..8, got {bits}")
+        return cls(width, bits)
+
+    @property
+    def codec(self) -> str:
+        """The activation codec that sends this bottleneck: fixed levels, entropy-coded."""
+        return f"fq:{self.bits},ans"
+
+    @property
+    def grad_codec(self) -> str:
+        """Gradients of D values: 4-bit with stochastic (unbiased) rounding, zstd-free."""
+        return "q4:stochastic"
+
+    def __str__(self) -> str:
+        return f"{self.width}:{self.bits}"
+
+
+def default_codecs(bottleneck: str | None) -> tuple[str, str]:
+    """(activation codec, gradient codec) a run uses when the user names none."""
+    if not bottleneck:
+        return "fp32", "fp32"
+    spec = BottleneckSpec.parse(bottleneck)
+    return spec.codec, spec.grad_codec
+
+
+class _RoundSTE(torch.autograd.Function):
+    """floor(x * L + 0.5) / L forward, identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, levels: float) -> torch.Tensor:  # noqa: ARG004
+        scale = torch.tensor(levels, dtype=x.dtype)
+        return torch.floor(torch.clamp(x, 0.0, 1.0) * scale + 0.5) / scale
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
+class FixedRangeQuantizer(nn.Module):
+    """Quantize [0, 1] values to ``2**bits`` fixed levels; straight-through gradient.
+
+    The forward pass is :func:`edgesplit.codecs.fixed.quantize_codes` then
+    :func:`~edgesplit.codecs.fixed.dequantize_codes` in torch, operation for operation.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _RoundSTE.apply(x, float((1 << self.bits) - 1))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def _projection(shape: tuple[int, ...], channels_in: int, channels_out: int) -> nn.Module:
+    """A linear map over the channel axis: Linear for (C,), 1×1 convolution for (C, ...)."""
+    if len(shape) == 1:
+        return nn.Linear(channels_in, channels_out)
+    if len(shape) == 2:
+        return nn.Conv1d(channels_in, channels_out, 1)
+    if len(shape) == 3:
+        return nn.Conv2d(channels_in, channels_out, 1)
+    raise ConfigError(f"a bottleneck needs a cut tensor of 1 to 3 dims per sample, got {shape}")
+
+
+def encoder(spec: BottleneckSpec, cut_shape: tuple[int, ...]) -> nn.Sequential:
+    """Projection to ``spec.width`` channels, sigmoid, fixed-range quantizer."""
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("project", _projection(cut_shape, cut_shape[0], spec.width)),
+                ("bound", nn.Sigmoid()),
+                ("quantize", FixedRangeQuantizer(spec.bits)),
+            ]
+        )
+    )
+
+
+def decoder(spec: BottleneckSpec, cut_shape: tuple[int, ...]) -> nn.Sequential:
+    """Projection back to the cut's channel count, then ReLU (the cut followed a non-linearity)."""
+    return nn.Sequential(
+        OrderedDict(
+            [("project", _projection(cut_shape, spec.width, cut_shape[0])), ("act", nn.ReLU())]
+        )
+    )
+
+
+def with_encoder(lower: nn.Module, spec: BottleneckSpec, cut_shape: tuple[int, ...]) -> nn.Module:
+    """``lower`` followed by the bottleneck encoder (named ``bottleneck``)."""
+    return nn.Sequential(OrderedDict([("lower", lower), ("bottleneck", encoder(spec, cut_shape))]))
+
+
+def with_decoder(upper: nn.Module, spec: BottleneckSpec, cut_shape: tuple[int, ...]) -> nn.Module:
+    """The bottleneck decoder (named ``unbottleneck``) followed by ``upper``."""
+    return nn.Sequential(
+        OrderedDict([("unbottleneck", decoder(spec, cut_shape)), ("upper", upper)])
+    )
+
+
+def param_groups(module: nn.Module, lr: float) -> list[dict[str, object]]:
+    """Optimizer groups: the bottleneck's own layers at ``lr × LR_SCALE``, the rest at ``lr``."""
+    fast, slow = [], []
+    for name, param in module.named_parameters():
+        part = name.split(".")
+        (fast if "bottleneck" in part or "unbottleneck" in part else slow).append(param)
+    groups: list[dict[str, object]] = []
+    if slow:
+        groups.append({"params": slow, "lr": lr})
+    if fast:
+        groups.append({"params": fast, "lr": lr * LR_SCALE})
+    return groups
+
+
+def cut_elements(cut_shape: tuple[int, ...], spec: BottleneckSpec) -> int:
+    """Values per sample that cross the cut with the bottleneck in place."""
+    return spec.width * math.prod(cut_shape[1:])
