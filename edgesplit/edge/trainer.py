@@ -190,6 +190,17 @@ class TrainableModel:
         """Current parameters by name."""
         return dict(zip(self.names, self.params, strict=True))
 
+    def check_destination(self, dest: str | Path) -> Path:
+        """Raise :class:`ConfigError` unless ``dest`` may receive the trained bundle."""
+        dest = Path(dest)
+        if dest.resolve() == self.bundle.path.resolve():
+            raise ConfigError(f"--save-bundle {dest} is the trainable bundle itself; write the "
+                              "trained client to another directory")
+        if dest.exists() and (not dest.is_dir() or (any(dest.iterdir())
+                                                     and not (dest / MANIFEST_FILE).is_file())):
+            raise ConfigError(f"{dest} exists and is not a bundle: refusing to overwrite it")
+        return dest
+
     def write_inference_bundle(self, dest: str | Path, *, note: dict[str, Any] | None = None
                                ) -> Path:
         """Write the trained client as an ordinary inference bundle (no training graphs).
@@ -202,10 +213,7 @@ class TrainableModel:
         ------
         ConfigError: ``dest`` exists and is not a bundle (it is never overwritten then).
         """
-        dest = Path(dest)
-        if dest.exists() and (not dest.is_dir() or (any(dest.iterdir())
-                                                     and not (dest / MANIFEST_FILE).is_file())):
-            raise ConfigError(f"{dest} exists and is not a bundle: refusing to overwrite it")
+        dest = self.check_destination(dest)
         manifest = json.loads(json.dumps(self.bundle.manifest))
         manifest.pop("trainable", None)
         files = {CLIENT_FILE: self.client_onnx()}
@@ -375,9 +383,10 @@ def load_state(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"trainer state {path} is unreadable ({exc}); delete it to start "
-                          "over") from None
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        # numpy's own message suggests unpickling: never, so only the error type is quoted
+        raise ConfigError(f"trainer state {path} is unreadable or not an edgesplit trainer "
+                          f"state ({type(exc).__name__}); delete it to start over") from None
     if not isinstance(meta, dict) or meta.get("schema") != STATE_SCHEMA:
         raise ConfigError(f"trainer state {path} has schema {meta.get('schema')!r}; this "
                           f"edgesplit reads {STATE_SCHEMA}")
@@ -632,6 +641,8 @@ class EdgeTrainer(EdgeClient):
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
         x, y = self.check_data(x, y)
+        if save_bundle is not None:
+            self.model.check_destination(save_bundle)   # before the training, not after
         start = time.perf_counter()
         if self.welcome is None:
             self.hello_keep_step()

@@ -230,6 +230,13 @@ def test_bundles_that_cannot_train_are_refused(trainable, start_server, tmp_path
         EdgeTrainer(load_trainable(trainable.bundle), InProcessTransport(engine.handle),
                     state_dir=other)
 
+    # writing the trained client over its own trainable bundle is refused before training
+    trainer = EdgeTrainer(load_trainable(trainable.bundle), InProcessTransport(engine.handle))
+    with pytest.raises(ConfigError, match="the trainable bundle itself"):
+        trainer.fit(trainable.x_train[:64], trainable.y_train[:64],
+                    save_bundle=trainable.bundle)
+    assert engine.steps_applied == 0
+
 
 def test_splitfed_devices_average_their_trained_layers(trainable, start_server, tmp_path):
     """Two torch-free splitfed clients train their own shards in parallel and end each epoch
