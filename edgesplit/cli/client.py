@@ -162,7 +162,9 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     add_connection_options(p)
     g = p.add_argument_group(
         "trainable client (--trainable, needs edgesplit[train])",
-        "A torch client that trains its own lower layers with the gradients the server returns.",
+        "A torch client that trains its own lower layers with the gradients the server returns. "
+        "--index, --clients and --epochs also apply to on-device training (splitfed: this "
+        "client's index and the number of clients whose layers are averaged each epoch).",
     )
     g.add_argument("--trainable", action="store_true",
                    help="train this client's lower layers (torch) instead of running a bundle")
