@@ -155,7 +155,7 @@ def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     report = export_bundle(
         SplitModel.from_checkpoint(load_checkpoint(checkpoint), trained.dataset),
         args.bundle,
-        ExportOptions(name="digits-demo"),
+        ExportOptions(name="digits-demo", force=True),
     )
     parity = report.manifest["parity"]
     console.print(

@@ -134,6 +134,12 @@ def resolve_cuts(spec: TrainSpec, input_shape: tuple[int, ...]) -> tuple[str, ..
 def _fused_upper(upper: nn.Sequential, fused_width: int) -> nn.Sequential:
     """Vertical: the server's upper layers take the concatenation of every party's output, so
     its first Linear layer is rebuilt for that width (same output width, fresh weights)."""
+    if not isinstance(upper, nn.Sequential):
+        raise ConfigError(
+            "vertical needs a model whose layers after the cut are a chain (an nn.Sequential): "
+            "the server feeds the joined party features to its first Linear layer; this "
+            "model's server segment has a custom forward"
+        )
     layers = list(upper.named_children())
     for i, (name, layer) in enumerate(layers):
         if isinstance(layer, nn.Flatten):
