@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto clean edge-env
+.PHONY: demo test lint typecheck bench proto clean edge-env
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check edgesplit tests bench
 	$(BIN)/lint-imports
+
+# mypy settings: [tool.mypy] in pyproject.toml (checks the Python 3.10 branch of the code)
+typecheck: $(STAMP)
+	$(BIN)/mypy edgesplit
 
 test: lint
 	$(BIN)/pytest -q

@@ -160,7 +160,8 @@ def load_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ConfigError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for label, cls in enumerate(classes):
         for file in sorted((root / cls).iterdir()):
             if file.suffix.lower() not in _IMAGE_SUFFIXES:

@@ -18,14 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesplit.errors import ConfigError
-
-try:  # Python 3.11+
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with the tomli backport
-    try:
-        import tomli as _toml  # type: ignore[no-redef]
-    except ModuleNotFoundError:
-        _toml = None  # type: ignore[assignment]
+from edgesplit.toml_compat import tomllib
 
 #: Environment variable that replaces the built-in profile folder.
 ENV_DIR = "EDGESPLIT_DEVICES_DIR"
@@ -308,14 +301,12 @@ def missing_sources(profile: DeviceProfile | LinkProfile) -> list[str]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    if _toml is None:  # pragma: no cover - Python 3.10 without tomli
-        raise ConfigError("reading device profiles needs Python 3.11+ (tomllib) or tomli")
     try:
         with open(path, "rb") as f:
-            return _toml.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"profile file {path} does not exist") from None
-    except _toml.TOMLDecodeError as exc:
+    except tomllib.TOMLDecodeError as exc:
         # tomllib's message carries line and column
         raise ConfigError(f"{path}: malformed TOML: {exc}") from None
     except OSError as exc:

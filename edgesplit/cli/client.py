@@ -112,7 +112,8 @@ def open_transport(args: argparse.Namespace) -> Any:
                          **tls_kwargs(args))
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "client",
         formatter_class=formatter,

@@ -7,7 +7,8 @@ import math
 from typing import Any
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "cuts", formatter_class=formatter,
         help="list a model's candidate cuts: cut-tensor shape, bytes per sample, client FLOPs",

@@ -24,9 +24,8 @@ def apply_recipe(args: argparse.Namespace) -> None:
     """Fill options still at their default from ``--recipe``; unknown keys are an error."""
     from pathlib import Path
 
-    import tomllib
-
     from edgesplit.errors import ConfigError
+    from edgesplit.toml_compat import tomllib
 
     path = Path(args.recipe)
     try:
@@ -44,7 +43,8 @@ def apply_recipe(args: argparse.Namespace) -> None:
             setattr(args, key, value)
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "export", formatter_class=formatter,
         help="export a client segment to an ONNX bundle for a device",
@@ -275,7 +275,7 @@ def _untrained(args: argparse.Namespace) -> Any:
         config=spec.config, lowers=list(parts.lowers), server=parts.server, head=parts.head,
         input_shape=tuple(data.input_shape), num_classes=data.num_classes, codec=spec.codec,
         grad_codec=spec.grad_codec, cuts=tuple(parts.cuts),
-        feature_blocks=[tuple(b) for b in parts.blocks], dataset=data, meta=meta,
+        feature_blocks=list(parts.blocks), dataset=data, meta=meta,
         trained=False,
     )
 

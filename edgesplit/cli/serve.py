@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               formatter: type[argparse.HelpFormatter]) -> None:
     from edgesplit.cli.common import add_training_options
 
     p = sub.add_parser(

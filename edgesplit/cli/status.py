@@ -30,7 +30,8 @@ CLIENT_COLUMNS = {
 _BYTES_KEYS = {"bytes_in", "bytes_out", "bytes_act", "bytes_act_fp32"}
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(sub: argparse._SubParsersAction,
+               formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "status",
         formatter_class=formatter,

@@ -63,7 +63,7 @@ def _check_decoded(name: str, out: np.ndarray) -> np.ndarray:
 def _le_bytes(a: np.ndarray) -> memoryview:
     """A flat byte view of ``a`` in little-endian order (a copy only on big-endian hosts)."""
     le = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return memoryview(np.ascontiguousarray(le).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(le).reshape(-1).view(np.uint8).data
 
 
 @register

@@ -264,7 +264,7 @@ class _Quant(ValueStage):
             codes[n:] = 0
             self._quantize(x, lo, scale, codes[:n], rng)
             _pack(codes, self.bits, out[8 * g :])
-        return memoryview(out)
+        return out.data
 
     def decode(self, data: Buffer, shape: Shape) -> np.ndarray:
         n = element_count(shape)

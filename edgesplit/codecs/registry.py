@@ -198,7 +198,7 @@ def _float32(x: np.ndarray) -> np.ndarray:
 
 def _raw_bytes(x: np.ndarray) -> memoryview:
     le = np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<"), copy=False)
-    return memoryview(np.ascontiguousarray(le).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(le).reshape(-1).view(np.uint8).data
 
 
 def _is_raw(dtype: np.dtype) -> bool:
@@ -206,9 +206,9 @@ def _is_raw(dtype: np.dtype) -> bool:
 
 
 @lru_cache(maxsize=256)
-def _codec_for_table(cls: type, table: tuple[tuple[int, bytes], ...]) -> Codec:
+def _codec_for_table(table: tuple[tuple[int, bytes], ...]) -> Codec:
     # failures raise and are not cached; a peer cycling through tables only evicts entries
-    return cls._build_from_table(table)
+    return Codec._build_from_table(table)
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ class Codec:
         Unlike a spec, a frame must name its value stage explicitly. Chains are cached by their
         table: a stream of frames from one codec is validated once, not once per frame.
         """
-        return _codec_for_table(cls, tuple((int(sid), bytes(params)) for sid, params in table))
+        return _codec_for_table(tuple((int(sid), bytes(params)) for sid, params in table))
 
     @classmethod
     def _build_from_table(cls, table: tuple[tuple[int, bytes], ...]) -> Codec:

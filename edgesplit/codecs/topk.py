@@ -156,7 +156,7 @@ class TopK(SparseStage):
             index = np.packbits(mask, bitorder="little")
         else:
             index = idx.astype(f"<u{_index_width(n)}")
-        return memoryview(index).cast("B"), values
+        return index.data.cast("B"), values
 
     def scatter(self, index: Buffer, values: np.ndarray, n: int) -> np.ndarray:
         k = self.kept(n)

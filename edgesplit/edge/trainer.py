@@ -362,7 +362,9 @@ def save_state(directory: str | Path, arrays: dict[str, np.ndarray], meta: dict[
     tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with open(tmp, "wb") as fh:
-        np.savez(fh, __meta__=blob, **arrays)
+        # numpy's stub lets **arrays fill savez's allow_pickle; keys here are param_*/optimizer
+        # names, never that
+        np.savez(fh, __meta__=blob, **arrays)  # type: ignore[arg-type]
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -668,9 +670,10 @@ class EdgeTrainer(EdgeClient):
                         self.save()
                 if self.bundle.config == "splitfed":
                     self.federated_average(self.epoch, n)
-                total, correct, count = self._epoch_sums
-                self._history.append({"epoch": self.epoch, "loss": total / count if count else None,
-                                      "train_accuracy": correct / count if count else None})
+                loss_sum, n_correct, n_seen = self._epoch_sums
+                self._history.append({
+                    "epoch": self.epoch, "loss": loss_sum / n_seen if n_seen else None,
+                    "train_accuracy": n_correct / n_seen if n_seen else None})
                 self._epoch_sums = [0.0, 0, 0]
                 self.epoch += 1
                 self.batch = 0

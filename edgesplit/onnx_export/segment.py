@@ -167,7 +167,9 @@ def _export_torchscript(module: nn.Module, x: torch.Tensor, opset: int, input_na
     try:
         with warnings.catch_warnings(record=True) as records, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=opset,
+            # the TorchScript exporter writes to file objects; torch annotates `f` as a path only
+            torch.onnx.export(module, (x,), buffer,  # type: ignore[arg-type]
+                              dynamo=False, opset_version=opset,
                               input_names=[input_name], output_names=[output_name],
                               dynamic_axes=axes, do_constant_folding=True)
             caught = _unique(f"{r.category.__name__}: {r.message}" for r in records)

@@ -253,7 +253,7 @@ def _copy(nodes: Iterable[fx.Node], graph: fx.Graph, env: dict[fx.Node, fx.Node]
             env[n] = graph.node_copy(n, lambda x: env[x])
 
 
-def _client_module(gm: fx.GraphModule, a: CutAnalysis) -> nn.Module:
+def _client_module(gm: fx.GraphModule, a: CutAnalysis) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
@@ -264,7 +264,7 @@ def _client_module(gm: fx.GraphModule, a: CutAnalysis) -> nn.Module:
     return _finish(gm, graph)
 
 
-def _server_module(gm: fx.GraphModule, a: CutAnalysis) -> nn.Module:
+def _server_module(gm: fx.GraphModule, a: CutAnalysis) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {a.node: graph.placeholder(a.node.name)}
     _copy(gm.graph.nodes, graph, env, a.server, _input_dependent(gm.graph))
