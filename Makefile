@@ -24,8 +24,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy edgesplit
 
+# coverage settings: [tool.coverage.*] in pyproject.toml (subprocesses measured too)
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --cov=edgesplit --cov-report=term:skip-covered
 
 bench: $(STAMP)
 	$(BIN)/python bench/codecs.py
@@ -37,4 +38,4 @@ proto: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) .venv-edge .pytest_cache .ruff_cache export/out
+	rm -rf $(VENV) .venv-edge .pytest_cache .ruff_cache .mypy_cache .coverage .coverage.* export/out
