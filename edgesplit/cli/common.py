@@ -65,6 +65,13 @@ def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -
         default=None,
         help="codec for gradients (default: fp32; with --bottleneck, q4:stochastic)",
     )
+    g.add_argument(
+        "--defense",
+        default=None,
+        help="privacy defenses joined by '+': noise:SIGMA[:CLIP] (clip the cut, add noise while "
+        "training), nopeek:ALPHA (dCor loss), gradnoise:SIGMA (label-leak defense on returned "
+        "gradients); see docs/privacy.md (default: none)",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
     g.add_argument("--batch-size", type=int, default=32, help="samples per step")
@@ -96,6 +103,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         codec=args.codec or codec,
         grad_codec=args.grad_codec or grad_codec,
         bottleneck=args.bottleneck,
+        defense=args.defense,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -198,3 +198,37 @@ def ans_decode(data: bytes | memoryview, shape: tuple[int, ...], model: EntropyM
     if not coder.is_empty():
         raise CodecError("entropy-coded payload has data left after its codes (corrupt stream)")
     return np.asarray(codes, dtype=np.uint8).reshape(shape)
+
+
+def models_to_json(models: list[EntropyModel]) -> dict[str, list[list[int]]]:
+    """``{hex id: frequency rows}``: how bundles, checkpoints and server state store models."""
+    return {f"{m.model_id:08x}": m.freqs.astype(int).tolist() for m in models}
+
+
+def models_from_json(obj: object) -> list[EntropyModel]:
+    """Inverse of :func:`models_to_json`; each model's id must match its content."""
+    if obj is None:
+        return []
+    if not isinstance(obj, dict):
+        raise CodecError("entropy_models must map hex model ids to frequency tables")
+    models = []
+    for key, rows in obj.items():
+        try:
+            freqs = np.asarray(rows, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise CodecError(f"entropy model {key!r} is not a table of integers") from None
+        if freqs.ndim != 2 or freqs.size == 0 or freqs.min() < 1 or freqs.max() > _FREQ_MAX:
+            raise CodecError(f"entropy model {key!r} must be a 2-D table of integers 1..65535")
+        model = EntropyModel(freqs.astype(np.uint16))
+        if f"{model.model_id:08x}" != key:
+            raise CodecError(
+                f"entropy model {key!r} does not match its content (id {model.model_id:08x}): "
+                "the file was altered"
+            )
+        models.append(model)
+    return models
+
+
+def register_json(obj: object, table: ModelTable = GLOBAL_MODELS) -> list[int]:
+    """Add the models of a trusted file (bundle manifest, checkpoint) to ``table``."""
+    return [table.add(m) for m in models_from_json(obj)]

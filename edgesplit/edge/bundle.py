@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgesplit.errors import ConfigError, ExportError
+from edgesplit.codecs.entropy import register_json
+from edgesplit.errors import CodecError, ConfigError, ExportError
 
 #: Version of manifest.json this module reads and the exporter writes.
 SCHEMA_VERSION = 1
@@ -78,6 +79,7 @@ REQUIRED_KEYS: dict[str, tuple[type | None, ...]] = {
 #: Keys a manifest may lack (older exports) but must type-check when present.
 OPTIONAL_KEYS: dict[str, tuple[type | None, ...]] = {
     "run_id": (str,),                   # uuid hex of the training run; its server has the same
+    "entropy_models": (dict,),          # hex id -> frequency table of the fq codec's models
 }
 #: Keys every tensor description (``input``, ``output``, ``head.input``, ``head.output``) holds.
 TENSOR_KEYS = ("name", "shape", "dtype")
@@ -305,6 +307,11 @@ def load_bundle(path: str | Path, *, providers: Sequence[str] | None = None,
         raise ConfigError(f"{root} is not a bundle: no {MANIFEST_FILE} (write one with "
                           "`edgesplit export`)")
     manifest = read_manifest(manifest_path)
+    try:
+        # side information the codec references by id: the device encodes with these
+        register_json(manifest.get("entropy_models"))
+    except CodecError as exc:
+        raise ConfigError(f"{manifest_path}: {exc}") from None
     chosen = list(providers or DEFAULT_PROVIDERS)
     available = ort.get_available_providers()
     missing = [p for p in chosen if p not in available]

@@ -438,8 +438,10 @@ def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple
         "cuts": list(model.cuts),
         "cut_shape": list(client.output_shape),
         "head": head_entry,
-        "codec": model.codec,
+        "codec": model.party_codec(party),
         "grad_codec": model.grad_codec,
+        # side information the codec references by id (fitted once, shipped with the model)
+        "entropy_models": model.meta.get("entropy_models") or {},
         "num_classes": model.num_classes,
         "label_dtype": model.label_dtype,
         "opset": model_opset(client.model),

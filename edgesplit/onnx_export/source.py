@@ -118,7 +118,8 @@ class SplitModel:
                   "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                   "cuts": list(trained.cuts),
                   "feature_blocks": [list(b) for b in trained.feature_blocks],
-                  "parties": len(lowers), "result": trained.result.to_json()},
+                  "parties": len(lowers), "result": trained.result.to_json(),
+                  **trained.meta},
             trained=True, accuracy=trained.result.accuracy,
         )
 
@@ -137,6 +138,12 @@ class SplitModel:
     def label_dtype(self) -> str:
         return np.dtype(label_dtype(self.num_classes)).name
 
+    def party_codec(self, party: int) -> str:
+        """The codec party ``party`` sends with: the one it trained with last (a learned entropy
+        model named by id), else the run's codec."""
+        codecs = self.meta.get("codecs") or []
+        return str(codecs[party]) if party < len(codecs) else self.codec
+
     def check_party(self, party: int) -> None:
         if not 0 <= party < self.parties:
             which = "parties" if self.config == "vertical" else "client segment"
@@ -144,7 +151,7 @@ class SplitModel:
                               f"{self.parties} {which} (0..{self.parties - 1})")
 
     def feature_block(self, party: int) -> tuple[int, int] | None:
-        return tuple(self.feature_blocks[party]) if self.config == "vertical" else None
+        return self.feature_blocks[party] if self.config == "vertical" else None
 
     def party_shape(self, party: int) -> tuple[int, ...]:
         """Per-sample input shape of ``party``'s client segment."""

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from edgesplit.errors import ConfigError
+from edgesplit.codecs.entropy import register_json
+from edgesplit.errors import CodecError, ConfigError
 from edgesplit.train.engine import SplitParts, TrainedSplit, build_split
 from edgesplit.train.spec import TrainSpec
 
@@ -59,6 +60,7 @@ def save_checkpoint(path: str | Path, trained: TrainedSplit) -> Path:
         "feature_blocks": [list(b) for b in trained.feature_blocks],
         "parties": len(segments),
         "result": trained.result.to_json(),
+        **trained.meta,  # per-client codecs and their entropy models
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return out
@@ -110,6 +112,10 @@ def load_checkpoint(
             f"schema {SCHEMA_VERSION}"
         )
     spec = TrainSpec(**meta["spec"])
+    try:
+        register_json(meta.get("entropy_models"))  # trusted: our own checkpoint
+    except CodecError as exc:
+        raise ConfigError(f"{meta_path}: {exc}") from None
     parts = build_split(spec, tuple(meta["input_shape"]), int(meta["num_classes"]))
     if "client" in segments:
         for k, lower in enumerate(parts.lowers):

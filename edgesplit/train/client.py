@@ -8,7 +8,7 @@ it sends and receives next to what the same tensors would cost at fp32.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,11 +17,25 @@ from torch import nn
 
 from edgesplit.errors import ProtocolError, TrainingDiverged
 from edgesplit.split.bottleneck import param_groups
+from edgesplit.split.defense import Defense
 from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels
 from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
+from edgesplit.transport.envelope import wire_size
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
 from edgesplit.wire.messages import Kind, Message, expect, ids_digest
+
+
+def _resize_cost(message: Message, lengths: dict[str, int]) -> int:
+    """Bytes ``message``'s envelope would gain (or lose) if the named tensors had these lengths:
+    the reference of a ratio is the same envelope with fp32 frames (length prefixes included)."""
+    if not lengths:
+        return 0
+    resized = replace(
+        message,
+        tensors={n: bytes(lengths[n]) if n in lengths else f for n, f in message.tensors.items()},
+    )
+    return wire_size(resized) - wire_size(message)
 
 
 @dataclass
@@ -66,6 +80,8 @@ class SplitClient:
     #: Per-sample cut shape without the bottleneck: fp32 reference counts use it (``None``:
     #: the shape of what is sent).
     reference_shape: tuple[int, ...] | None = None
+    #: Privacy defenses; the client's part is its backward (NoPeek's extra loss term).
+    defense: Defense = field(default_factory=Defense)
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     step: int = 0
     bytes: ClientBytes = field(init=False)
@@ -80,35 +96,52 @@ class SplitClient:
         self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
         #: An entropy model fitted here that the server has not received yet (a raw frame).
         self.pending_model: bytes | None = None
+        self._last_down = 0  # wire bytes of the last reply
         self.loss_fn = nn.CrossEntropyLoss()
 
     # ------------------------------------------------------------------ protocol plumbing
     def _meta(self, **extra: Any) -> dict[str, Any]:
         meta: dict[str, Any] = dict(extra)
-        if self.group:
+        # the run's group id matters only where the server meets several clients at a barrier
+        # (vertical steps, FedAvg rounds); elsewhere it would cost bytes every step
+        if self.group and (self.party is not None or extra.get("mode") == "average"):
             meta["group"] = self.group
         if self.party is not None:
             meta.update(party=self.party, parties=self.parties)
         return meta
 
     def _send(
-        self, kind: str, tensors: dict[str, bytes], fp32_up: int, *, count: bool = True, **meta: Any
+        self,
+        kind: str,
+        tensors: dict[str, bytes],
+        fp32: dict[str, int] | None = None,
+        *,
+        count: bool = True,
+        **meta: Any,
     ) -> Message:
+        """Send one request; count its wire bytes, and (``fp32``: tensor name -> length of the
+        fp32 reference frame) what the same request would cost at fp32."""
         message = Message(kind, self.session, self.name, self.step, tensors, self._meta(**meta))
+        up0, down0 = self.transport.wire_bytes_up, self.transport.wire_bytes_down
         reply = self.transport.request(message)
+        up = self.transport.wire_bytes_up - up0
+        self._last_down = down = self.transport.wire_bytes_down - down0
         if kind == Kind.WEIGHTS:
-            self.bytes.weights_up += message.tensor_bytes()
-            self.bytes.weights_down += reply.tensor_bytes()
+            self.bytes.weights_up += up
+            self.bytes.weights_down += down
         elif count:
-            self.bytes.bytes_up += message.tensor_bytes()
-            self.bytes.bytes_up_fp32 += fp32_up
-            self.bytes.bytes_down += reply.tensor_bytes()
+            self.bytes.bytes_up += up
+            self.bytes.envelope_up += up - message.tensor_bytes()
+            self.bytes.bytes_up_fp32 += up + _resize_cost(message, fp32 or {})
+            self.bytes.bytes_down += down
+            self.bytes.envelope_down += down - reply.tensor_bytes()
         return reply
 
     def _count_down_fp32(self, reply: Message, name: str, shape: tuple[int, ...]) -> None:
-        self.bytes.bytes_down_fp32 += fp32_frame_size(shape)
-        # frames other than the tensor itself (none today) cost the same in both counts
-        self.bytes.bytes_down_fp32 += reply.tensor_bytes() - len(reply.tensors[name])
+        """The reply just received, with its tensor ``name`` as an fp32 frame of ``shape``."""
+        self.bytes.bytes_down_fp32 += self._last_down + _resize_cost(
+            reply, {name: fp32_frame_size(shape)}
+        )
 
     # ------------------------------------------------------------------ training
     def train_step(
@@ -120,17 +153,15 @@ class SplitClient:
         act = self.lower(x)
         frame = self.act.encode(act, fit=True)
         tensors = self._with_model({"act": frame})
-        fp32_up = fp32_frame_size(self._reference(act))
+        fp32 = {"act": fp32_frame_size(self._reference(act))}
         if self.head is None and self.send_labels and y is not None:
             tensors["labels"] = encode_labels(y, self.num_classes)
-            fp32_up += len(tensors["labels"])
         reply = expect(
             self._send(
                 Kind.FORWARD,
                 tensors,
-                fp32_up,
-                train=True,
-                want_grad=True,
+                fp32,
+                # a training step wants the cut gradient back: the protocol's default, not sent
                 **({"ids": ids_digest(ids)} if ids is not None else {}),
             ),
             Kind.GRADIENT,
@@ -138,10 +169,10 @@ class SplitClient:
         )
         self.pending_model = None  # the server accepted the frame, so it holds the model
         if self.head is not None:
-            return self._ushape_rest(act, y, reply)
+            return self._ushape_rest(x, act, y, reply)
         grad = self.grad.decode(reply.frame("grad"))
         self._count_down_fp32(reply, "grad", self._reference(act))
-        self._apply(act, grad)
+        self._apply(x, act, grad)
         meta = reply.meta
         return StepResult(
             float(meta.get("loss", float("nan"))),
@@ -168,7 +199,9 @@ class SplitClient:
         if model is not None:
             self.pending_model = encode_frame(model.freqs, "fp32")
 
-    def _ushape_rest(self, act: torch.Tensor, y: torch.Tensor | None, reply: Message) -> StepResult:
+    def _ushape_rest(
+        self, x: torch.Tensor, act: torch.Tensor, y: torch.Tensor | None, reply: Message
+    ) -> StepResult:
         if y is None or self.head is None:
             raise ProtocolError("ushape training needs the client's labels and head")
         mid = self.act.decode(reply.frame("mid")).requires_grad_(True)
@@ -185,12 +218,14 @@ class SplitClient:
         loss.backward()  # fills the head's grads and mid.grad
         frame = self.grad.encode(mid.grad)
         reply2 = expect(
-            self._send(Kind.MIDDLE_GRAD, {"grad": frame}, fp32_frame_size(tuple(mid.shape))),
+            self._send(
+                Kind.MIDDLE_GRAD, {"grad": frame}, {"grad": fp32_frame_size(tuple(mid.shape))}
+            ),
             Kind.GRADIENT,
         )
         grad = self.grad.decode(reply2.frame("grad"))
         self._count_down_fp32(reply2, "grad", self._reference(act))
-        act.backward(self._checked(grad, act))
+        self.defense.backward(x, act, self._checked(grad, act))
         self.optimizer.step()
         correct = int((logits.argmax(1) == y).sum())
         return StepResult(float(loss.detach()), correct, len(y))
@@ -202,9 +237,10 @@ class SplitClient:
             )
         return grad
 
-    def _apply(self, act: torch.Tensor, grad: torch.Tensor) -> None:
+    def _apply(self, x: torch.Tensor, act: torch.Tensor, grad: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        act.backward(self._checked(grad, act))  # straight-through: the codec has no gradient
+        # straight-through: the codec has no gradient (plus NoPeek's term when it is on)
+        self.defense.backward(x, act, self._checked(grad, act))
         self.optimizer.step()
 
     # ------------------------------------------------------------------ inference
@@ -216,7 +252,7 @@ class SplitClient:
         act = self.lower(x)
         tensors = self._with_model({"act": self.act.encode(act)})
         reply = expect(
-            self._send(Kind.PREDICT, tensors, 0, count=False), Kind.PREDICTION, Kind.MIDDLE
+            self._send(Kind.PREDICT, tensors, count=False), Kind.PREDICTION, Kind.MIDDLE
         )
         self.pending_model = None
         if self.head is None:
@@ -226,14 +262,13 @@ class SplitClient:
         return self.head(mid).argmax(1).numpy()
 
     # ------------------------------------------------------------------ weights
-    def weights_frames(self) -> tuple[dict[str, bytes], int]:
-        """The lower segment's weights as fp32 frames, and their total length. (A ushape head
-        is never included: the last layers never leave the client.)"""
-        frames = {
+    def weights_frames(self) -> dict[str, bytes]:
+        """The lower segment's weights as fp32 frames. (A ushape head is never included: the
+        last layers never leave the client.)"""
+        return {
             name: encode_frame(t.detach().numpy(), "fp32")
             for name, t in self.lower.state_dict().items()
         }
-        return frames, sum(len(f) for f in frames.values())
 
     def load_weights_frames(self, frames: dict[str, bytes]) -> None:
         state = self.lower.state_dict()
@@ -246,26 +281,23 @@ class SplitClient:
     def hand_off(self) -> None:
         """Vanilla: leave this client's lower weights with the server for the next client."""
         self.step += 1
-        frames, size = self.weights_frames()
-        expect(self._send(Kind.WEIGHTS, frames, size, mode="put"), Kind.ACK)
+        expect(self._send(Kind.WEIGHTS, self.weights_frames(), mode="put"), Kind.ACK)
 
     def take_over(self, turn: int) -> None:
         """Vanilla/ushape: wait for turn ``turn`` (the server counts hand-offs), then start from
         the weights the previous client left with the server."""
         self.step += 1
-        reply = expect(self._send(Kind.WEIGHTS, {}, 0, mode="get", turn=turn), Kind.WEIGHTS)
+        reply = expect(self._send(Kind.WEIGHTS, {}, mode="get", turn=turn), Kind.WEIGHTS)
         if reply.tensors:
             self.load_weights_frames(dict(reply.tensors))
 
     def federated_average(self, round_: int, index: int, clients: int, n_samples: int) -> None:
         """Splitfed: send the lower weights, get back the FedAvg of every client's."""
         self.step += 1
-        frames, size = self.weights_frames()
         reply = expect(
             self._send(
                 Kind.WEIGHTS,
-                frames,
-                size,
+                self.weights_frames(),
                 mode="average",
                 round=round_,
                 index=index,

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgesplit.codecs.entropy import models_to_json
 from edgesplit.data import Dataset, iid_shard_indices, load_dataset
 from edgesplit.errors import ConfigError, TrainingDiverged
 from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
 from edgesplit.split.bottleneck import BottleneckSpec, with_decoder, with_encoder
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
+from edgesplit.split.defense import parse_defense
 from edgesplit.split.profile import profile_segment
 from edgesplit.train.client import SplitClient, StepResult
 from edgesplit.train.frames import CodecStats
@@ -34,6 +36,9 @@ from edgesplit.transport.base import Handler, Transport
 from edgesplit.transport.inprocess import InProcessTransport
 
 log = logging.getLogger(__name__)
+
+#: ``evaluate --defense`` checks this: the engine applies :mod:`edgesplit.split.defense`.
+DEFENSES_APPLIED = True
 
 #: Makes the transport a client uses; the default is in-process.
 TransportFactory = Callable[[Handler, str], Transport]
@@ -182,6 +187,8 @@ def build_split(
     if example is not None:
         check_chain(model, example)
     neck = BottleneckSpec.parse(spec.bottleneck) if spec.bottleneck else None
+    # privacy defenses act on the cut itself, before any bottleneck squeezes it
+    defense = parse_defense(spec.defense, seed=spec.seed)
 
     def cut_shape(lower: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(profile_segment(lower, shape).output_shape)
@@ -191,6 +198,7 @@ def build_split(
             lower, upper, head = cut_ushape(model, *cuts)
         else:
             (lower, upper), head = cut_model(model, cuts[0]), None
+        lower = defense.wrap_lower(lower)
         ref = cut_shape(lower, input_shape)
         if neck is not None:
             lower, upper = with_encoder(lower, neck, ref), with_decoder(upper, neck, ref)
@@ -200,6 +208,7 @@ def build_split(
     for lo, hi in blocks:
         shape = (*input_shape[:-1], hi - lo)
         lower, _ = cut_model(build_model(spec.model, shape, num_classes), cuts[0])
+        lower = defense.wrap_lower(lower)
         refs.append(cut_shape(lower, shape))
         if neck is not None:
             # each party sends its own D channels; the server's fused first layer decodes them
@@ -241,8 +250,14 @@ class _Run:
                 copy.deepcopy(parts.lowers[0]) for _ in range(spec.clients - 1)
             ]
             heads = [parts.head] + [copy.deepcopy(parts.head) for _ in range(spec.clients - 1)]
+        self.defense = parse_defense(spec.defense, seed=spec.seed)
         self.server = SplitServer(
-            spec.config, server_seg, codec=spec.codec, grad_codec=spec.grad_codec, lr=spec.lr
+            spec.config,
+            server_seg,
+            codec=spec.codec,
+            grad_codec=spec.grad_codec,
+            lr=spec.lr,
+            defense=self.defense,
         )
         self.clients = [
             SplitClient(
@@ -259,6 +274,7 @@ class _Run:
                 group=self.group,
                 send_labels=(spec.config != "vertical" or i == 0),
                 reference_shape=refs[i if spec.config == "vertical" else 0],
+                defense=self.defense,
             )
             for i, lower in enumerate(lowers)
         ]
@@ -433,6 +449,9 @@ def run_training(
     accuracy = run.test_accuracy()
     result = run.result(history, accuracy)
     result.diverged = diverged
+    # the clients a checkpoint keeps: every vertical party, else the last (freshest weights)
+    kept = run.clients if spec.config == "vertical" else run.clients[-1:]
+    models = [m for c in kept for m in c.act.models.models.values()]
     return TrainedSplit(
         spec=spec,
         result=result,
@@ -442,4 +461,7 @@ def run_training(
         head=run.head,
         cuts=run.cuts,
         feature_blocks=run.blocks,
+        # what each kept client encodes with now: the entropy model it fitted last, by id
+        meta={"codecs": [c.act.codec.spec for c in kept],
+              "entropy_models": models_to_json(models)},
     )

@@ -33,6 +33,7 @@ from edgesplit.errors import (
     TrainingDiverged,
 )
 from edgesplit.split.bottleneck import param_groups
+from edgesplit.split.defense import Defense
 from edgesplit.train.barrier import Barriers
 from edgesplit.train.frames import TensorCodec, decode_labels
 from edgesplit.train.probe import compare
@@ -110,6 +111,9 @@ class SplitServer:
     limits:
         What one received frame may claim and inflate to: a 600-byte zstd frame can otherwise
         decode to half a gigabyte. ``serve --max-tensor-mib`` sets it.
+    defense:
+        Privacy defenses (:mod:`edgesplit.split.defense`); the server applies the label-leak
+        one to the cut gradients it returns.
     spec:
         The training settings the WELCOME reply tells clients (model, cuts, seed, epochs, ...),
         so a networked client builds exactly the segment the server expects.
@@ -129,6 +133,7 @@ class SplitServer:
         on_probe: Callable[[dict[str, Any]], None] | None = None,
         spec: dict[str, Any] | None = None,
         limits: FrameLimits = SERVER_LIMITS,
+        defense: Defense | None = None,
     ) -> None:
         self.config = config
         self.segment = segment
@@ -136,6 +141,8 @@ class SplitServer:
             param_groups(segment, lr), lr=lr, momentum=momentum
         )
         self.limits = limits
+        #: The label-leak defense perturbs every cut gradient this server returns.
+        self.defense = defense or Defense()
         self.act_codec = TensorCodec.from_spec(codec, measure_snr=False, limits=limits)
         self.grad_codec = TensorCodec.from_spec(grad_codec, measure_snr=False, limits=limits)
         # ushape's middle outputs are not bounded to [0, 1]: a fixed-range (bottleneck) codec
@@ -322,7 +329,8 @@ class SplitServer:
             self._check_finite(message.step, loss)
             # encode before stepping: the codec refuses a non-finite gradient, and then nothing
             # may have been applied
-            tensors = {"grad": self._encode_grad(message.step, act.grad)} if want_grad else {}
+            grad = act.grad if act.grad is None else self.defense.server_grad(act.grad, labels)
+            tensors = {"grad": self._encode_grad(message.step, grad)} if want_grad else {}
             self.optimizer.step()
             self.steps_applied += 1
         meta = self._count(message.client, len(act), loss, logits, labels)
@@ -468,6 +476,7 @@ class SplitServer:
                 self.optimizer.step()
                 self.steps_applied += 1
                 meta = self._count(message.client, len(joined), loss, logits, label_list[0])
+                labels = label_list[0]
                 return {
                     k: Message(
                         Kind.GRADIENT,
@@ -475,7 +484,9 @@ class SplitServer:
                         "",
                         0,
                         # a frozen party (an exported edge segment) applies nothing: no grad
-                        {"grad": self.grad_codec.encode(parts[k][0].grad)} if parts[k][3] else {},
+                        {"grad": self.grad_codec.encode(self._returned_grad(parts[k], labels))}
+                        if parts[k][3]
+                        else {},
                         meta,
                     )
                     for k in order
@@ -586,6 +597,12 @@ class SplitServer:
                 f"training diverged at step {step} (loss {value}, non-finite gradients); "
                 "lower --lr, or use a finer codec for this cut"
             )
+
+    def _returned_grad(self, part: tuple[Any, ...], labels: torch.Tensor) -> torch.Tensor:
+        """A vertical party's cut gradient; a party without labels gets it through the
+        label-leak defense (the label holder already knows its labels)."""
+        act, own_labels = part[0], part[1]
+        return act.grad if own_labels is not None else self.defense.server_grad(act.grad, labels)
 
     def _client_models(self, message: Message) -> ModelTable:
         """The entropy models of ``message.client``, plus the one the message carries."""

@@ -16,6 +16,7 @@ import torch
 
 from edgesplit.data import load_dataset
 from edgesplit.errors import ConfigError
+from edgesplit.split.defense import parse_defense
 from edgesplit.train.checkpoint import load_checkpoint
 from edgesplit.train.engine import build_split
 from edgesplit.train.server import SplitServer
@@ -53,6 +54,7 @@ def _server(spec: TrainSpec, segment: torch.nn.Module, shapes: dict[str, Any]) -
         grad_codec=spec.grad_codec,
         lr=spec.lr,
         spec={**asdict(spec), "shapes": shapes},
+        defense=parse_defense(spec.defense, seed=spec.seed),
     )
 
 

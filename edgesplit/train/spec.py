@@ -48,12 +48,15 @@ class TrainSpec:
 
 @dataclass
 class ClientBytes:
-    """Bytes one client sent and received: lengths of the real frames.
+    """Bytes one client sent and received: what its steps put on the wire.
 
     ``bytes_*`` count the cut-layer traffic (activations, labels, gradients, ushape middle
-    outputs) — what the codecs act on. ``weights_*`` count model weights that travelled for the
-    vanilla hand-off or the splitfed average (always fp32 frames), reported apart so the codec
-    ratio is not diluted and nothing is hidden either.
+    outputs, entropy models) as serialised envelopes — frames, tensor names, ids and meta
+    (gRPC's own 5-byte message prefix and HTTP/2 framing are not counted). ``envelope_*`` is the
+    part of ``bytes_*`` that is not frames. ``*_fp32`` are the same steps with every cut tensor
+    as an fp32 frame of the cut *without* bottleneck: the reference of every ratio.
+    ``weights_*`` count model weights that travelled for the vanilla hand-off or the splitfed
+    average, reported apart so the codec ratio is not diluted and nothing is hidden either.
     """
 
     client: str
@@ -61,6 +64,8 @@ class ClientBytes:
     bytes_down: int = 0
     bytes_up_fp32: int = 0
     bytes_down_fp32: int = 0
+    envelope_up: int = 0
+    envelope_down: int = 0
     weights_up: int = 0
     weights_down: int = 0
 

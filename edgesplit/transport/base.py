@@ -14,7 +14,14 @@ Handler = Callable[[Message], Message]
 
 
 class Transport(Protocol):
-    """Client side of a connection to a split server."""
+    """Client side of a connection to a split server.
+
+    ``wire_bytes_up`` / ``wire_bytes_down`` count every serialised envelope sent and received
+    (frames, names, ids and meta): what byte counts report.
+    """
+
+    wire_bytes_up: int
+    wire_bytes_down: int
 
     def request(self, message: Message) -> Message:
         """Send one request and wait for its reply."""

@@ -29,7 +29,7 @@ import grpc
 
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport import split_pb2, split_pb2_grpc
-from edgesplit.transport.envelope import envelope_to_message, message_to_envelope
+from edgesplit.transport.envelope import StreamIds, envelope_to_message, message_to_envelope
 from edgesplit.transport.grpc_server import (
     AUTH_METADATA_KEY,
     CONCURRENCY_LIMIT_TEXT,
@@ -116,6 +116,8 @@ class _Stream:
         self._requests: queue.Queue[Any] = queue.Queue()
         self.replies: queue.Queue[Any] = queue.Queue()
         self.cancelled_by_us = False
+        #: Session and client this stream's first request fixed (later ones leave them out).
+        self.ids = StreamIds()
         self.call = stub.Session(self._request_iter(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="edgesplit-grpc-reader", daemon=True
@@ -285,7 +287,7 @@ class GrpcTransport:
         with self._lock:
             if self._closed:
                 raise TransportError(f"transport to {self.target} is closed")
-            reply = envelope_to_message(self._exchange(message, envelope, size))
+            reply = self._exchange(message)
             # Replies are matched to requests by order on the stream; checking the ids catches
             # a server (or a replay) that answers something else.
             if reply.step != message.step or reply.session != message.session:
@@ -300,9 +302,7 @@ class GrpcTransport:
             self.messages += 1
             return reply
 
-    def _exchange(
-        self, message: Message, envelope: split_pb2.Envelope, size: int
-    ) -> split_pb2.Envelope:
+    def _exchange(self, message: Message) -> Message:
         failures = 0
         sent_before = False
         while True:
@@ -316,8 +316,10 @@ class GrpcTransport:
                          self.target, reason)
                 self._drop(channel=False)
             stream = self._stream if self._stream is not None else self._open()
+            # a fresh stream (after a reconnect) gets the ids in full again
+            envelope = message_to_envelope(stream.ids.compact(message))
             stream.send(envelope)
-            self.wire_bytes_up += size
+            self.wire_bytes_up += envelope.ByteSize()
             if sent_before:
                 self.resends += 1
             sent_before = True
@@ -331,7 +333,7 @@ class GrpcTransport:
                 ) from None
             if isinstance(item, split_pb2.Envelope):
                 self.wire_bytes_down += item.ByteSize()
-                return item
+                return stream.ids.complete(envelope_to_message(item))
             # The stream is over: an RpcError, a clean end without a reply, or a bad reply.
             # Classify before dropping: dropping cancels the call, which must not be mistaken
             # for the cause.

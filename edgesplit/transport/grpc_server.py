@@ -43,6 +43,7 @@ from edgesplit.transport import split_pb2
 from edgesplit.transport.base import Handler
 from edgesplit.transport.envelope import (
     EnvelopeLimits,
+    StreamIds,
     envelope_to_message,
     message_to_envelope,
     parse_envelope,
@@ -282,6 +283,7 @@ class SplitServicer:
         loop = asyncio.get_running_loop()
         peer = context.peer()
         idle = self._limits.idle_timeout
+        ids = StreamIds()  # the session and client this stream's first request named
         while True:
             try:
                 data = await asyncio.wait_for(context.read(), idle)
@@ -295,7 +297,9 @@ class SplitServicer:
             if data is grpc.aio.EOF:
                 return
             try:
-                message = envelope_to_message(parse_envelope(data), self._limits.envelope)
+                message = ids.complete(
+                    envelope_to_message(parse_envelope(data), self._limits.envelope)
+                )
             except ProtocolError as exc:
                 log.warning("stream from %r (%s): bad envelope: %s", client, peer, exc)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -323,7 +327,7 @@ class SplitServicer:
                 )
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, text)
             try:
-                out = message_to_envelope(reply)
+                out = message_to_envelope(ids.compact(reply))
             except ProtocolError as exc:
                 log.error("handler produced an unsendable reply: %s", exc)
                 await context.abort(grpc.StatusCode.INTERNAL, f"server produced a bad reply: {exc}")
