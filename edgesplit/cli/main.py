@@ -24,7 +24,20 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default and keeps paragraph breaks in descriptions."""
+    """Shows each option's default once and keeps paragraph breaks in descriptions.
+
+    The default is appended only when it says something: not for None or a flag's False (the
+    help text says what happens when the option is not given), and not when the help text
+    already names its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False:
+            return text
+        if "default" in text.lower() or "when not given" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
