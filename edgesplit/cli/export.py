@@ -14,20 +14,38 @@ from edgesplit.cli.common import add_training_options, human_bytes, print_json, 
 log = logging.getLogger(__name__)
 
 
+#: The target options: their value when neither the command line nor ``--recipe`` sets them.
+#: Their argparse default is None, which means "not given": the command line wins, then the
+#: recipe, then this table (comparing against a default cannot tell ``--fit-batch 1`` from
+#: nothing).
+TARGET_DEFAULTS: dict[str, Any] = {
+    "device": None, "weights": "fp32", "opset": None, "fit_batch": 1, "atol": 1e-5,
+    "rtol": 1e-4, "int8_max_drop": 2.0, "calibration_samples": 1024, "name": None,
+}
 #: Options an export recipe may set (TOML keys = option names with underscores).
-RECIPE_KEYS = ("device", "weights", "opset", "fit_batch", "atol", "rtol", "int8_max_drop",
-               "calibration_samples", "name")
-_DEFAULTS: dict[str, Any] = {}
+RECIPE_KEYS = tuple(TARGET_DEFAULTS)
+WEIGHTS = ("fp32", "int8")
+#: What each recipe value must be: its type and the smallest value allowed (None: any).
+_RECIPE_TYPES: dict[str, tuple[type, float | None]] = {
+    "device": (str, None), "weights": (str, None), "opset": (int, 1), "fit_batch": (int, 1),
+    "atol": (float, 0.0), "rtol": (float, 0.0), "int8_max_drop": (float, 0.0),
+    "calibration_samples": (int, 1), "name": (str, None),
+}
 
 
-def apply_recipe(args: argparse.Namespace) -> None:
-    """Fill options still at their default from ``--recipe``; unknown keys are an error."""
-    from pathlib import Path
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The settings of an export recipe, each checked for its type and range.
 
+    Raises
+    ------
+    ConfigError
+        The file is unreadable or not TOML, a key is not a target option, or a value has the
+        wrong type or range (``fit_batch = "lots"``).
+    """
     from edgesplit.errors import ConfigError
     from edgesplit.toml_compat import tomllib
 
-    path = Path(args.recipe)
+    path = Path(path)
     try:
         recipe = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -39,8 +57,38 @@ def apply_recipe(args: argparse.Namespace) -> None:
         raise ConfigError(f"recipe {path} has unknown keys {', '.join(unknown)}; valid: "
                           f"{', '.join(RECIPE_KEYS)}")
     for key, value in recipe.items():
-        if getattr(args, key) == _DEFAULTS.get(key):
-            setattr(args, key, value)
+        problem = _recipe_value_problem(key, value)
+        if problem:
+            raise ConfigError(f"recipe {path}: {key} must be {problem}, got {value!r}")
+    return dict(recipe)
+
+
+def _recipe_value_problem(key: str, value: Any) -> str | None:
+    """What ``value`` should have been for recipe key ``key``, or None when it is fine."""
+    kind, minimum = _RECIPE_TYPES[key]
+    if key == "weights":
+        return None if value in WEIGHTS else f"one of {', '.join(WEIGHTS)}"
+    if kind is str:
+        return None if isinstance(value, str) and value else "a non-empty string"
+    # TOML booleans are Python bools, which are ints: refuse them explicitly
+    numeric = (int,) if kind is int else (int, float)
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
+        return f"{what} >= {minimum:g}"
+    if minimum is not None and value < minimum:
+        return f"{what} >= {minimum:g}"
+    return None
+
+
+def resolve_target(args: argparse.Namespace) -> None:
+    """Set every target option: the command line's value, else the recipe's, else the default.
+
+    Runs before any work, so a bad recipe is refused before training or exporting starts.
+    """
+    recipe = read_recipe(args.recipe) if args.recipe else {}
+    for key, default in TARGET_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, recipe.get(key, default))
 
 
 def add_parser(sub: argparse._SubParsersAction,
@@ -102,39 +150,40 @@ def add_parser(sub: argparse._SubParsersAction,
     g.add_argument("--device", metavar="NAME", default=None,
                    help="device profile (devices/NAME.toml, or a path to a .toml) the export "
                         "must fit: its max ONNX opset and memory; when not given: no check")
-    g.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+    g.add_argument("--weights", choices=WEIGHTS, default=None,
                    help="fp32, or int8 (static QDQ quantization calibrated on training data; "
-                        "its accuracy change is measured on the test split)")
+                        "its accuracy change is measured on the test split) (default: "
+                        f"{TARGET_DEFAULTS['weights']})")
     g.add_argument("--opset", type=int, default=None, metavar="N",
                    help="ai.onnx opset: 18 or newer (torch.export-based exporter) or 13..17 "
                         "(TorchScript-based exporter, IR version lowered to match, e.g. 16 → "
                         "IR 8 for onnxruntime 1.11); when not given: 18, or the device's max "
                         "opset when that is lower")
-    g.add_argument("--fit-batch", type=int, default=1, metavar="N",
-                   help="batch size the device memory estimate is for")
+    g.add_argument("--fit-batch", type=int, default=None, metavar="N",
+                   help="batch size the device memory estimate is for (default: "
+                        f"{TARGET_DEFAULTS['fit_batch']})")
     g = p.add_argument_group("checks")
-    g.add_argument("--atol", type=float, default=1e-5,
-                   help="fp32 parity: absolute tolerance of |onnxruntime - torch|")
-    g.add_argument("--rtol", type=float, default=1e-4,
+    g.add_argument("--atol", type=float, default=None,
+                   help="fp32 parity: absolute tolerance of |onnxruntime - torch| (default: "
+                        f"{TARGET_DEFAULTS['atol']:g})")
+    g.add_argument("--rtol", type=float, default=None,
                    help="fp32 parity: relative tolerance (element passes if diff <= atol + "
-                        "rtol*|torch|)")
-    g.add_argument("--int8-max-drop", type=float, default=2.0, metavar="POINTS",
+                        f"rtol*|torch|) (default: {TARGET_DEFAULTS['rtol']:g})")
+    g.add_argument("--int8-max-drop", type=float, default=None, metavar="POINTS",
                    help="int8: largest test-accuracy drop in percentage points before the "
-                        "export fails")
-    g.add_argument("--calibration-samples", type=int, default=1024, metavar="N",
+                        f"export fails (default: {TARGET_DEFAULTS['int8_max_drop']:g})")
+    g.add_argument("--calibration-samples", type=int, default=None, metavar="N",
                    help="int8: training samples (random subset) that calibrate the MinMax "
-                        "quantization ranges")
+                        f"quantization ranges (default: {TARGET_DEFAULTS['calibration_samples']})")
     add_training_options(p, epochs=10)
     p.set_defaults(run=run, data=None)
-    _DEFAULTS.update({k: p.get_default(k) for k in RECIPE_KEYS})
 
 
 def run(args: argparse.Namespace) -> int:
     from edgesplit.errors import ConfigError
     from edgesplit.onnx_export import ExportOptions, export_bundle
 
-    if args.recipe:
-        apply_recipe(args)
+    resolve_target(args)
     if args.source and args.untrained:
         raise ConfigError("--untrained exports a fresh model; it cannot be combined with --from")
     if args.trainable:

@@ -205,19 +205,16 @@ def test_cli_missing_checkpoint_is_one_line_and_exit_2(cli, tmp_path):
 
 
 def test_export_recipe_sets_target_options_and_refuses_unknown_keys(tmp_path):
-    import argparse
-
-    from edgesplit.cli.export import _DEFAULTS, RECIPE_KEYS, apply_recipe
+    from edgesplit.cli.export import resolve_target
     from edgesplit.cli.main import build_parser
     from edgesplit.errors import ConfigError
 
-    build_parser()   # registers the export defaults
     recipe = tmp_path / "r.toml"
     recipe.write_text('device = "rpi4"\nweights = "int8"\nopset = 19\n')
-    args = argparse.Namespace(recipe=str(recipe), **{k: _DEFAULTS[k] for k in RECIPE_KEYS})
-    args.opset = 20   # given on the command line: the recipe must not override it
-    apply_recipe(args)
+    args = build_parser().parse_args(["export", "--recipe", str(recipe), "--opset", "20"])
+    resolve_target(args)   # --opset given on the command line: the recipe must not override it
     assert (args.device, args.weights, args.opset) == ("rpi4", "int8", 20)
     recipe.write_text("colour = 1\n")
+    args = build_parser().parse_args(["export", "--recipe", str(recipe)])
     with pytest.raises(ConfigError, match="unknown keys colour"):
-        apply_recipe(args)
+        resolve_target(args)
