@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime.quantization as _ort_quantization
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -89,6 +91,36 @@ class Int8Result:
         return asdict(self)
 
 
+#: Where ONNX Runtime's quantizer lives: its records are recognised by their source file.
+_QUANTIZER_DIR = str(Path(_ort_quantization.__file__).resolve().parent)
+
+
+class QuantizerHintFilter(logging.Filter):
+    """Drops the quantizer's below-ERROR records, and only those.
+
+    ``quantize_static`` logs hints such as "consider pre-processing" with ``logging.warning``,
+    i.e. on the root logger; the exporter already ran ONNX optimizations, so they are noise.
+    A filter on the root logger sees only records logged on the root logger itself, and this
+    one passes every record not written by the quantizer's own files: other threads and
+    modules keep logging while a quantization runs (raising the root level would mute them).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(_QUANTIZER_DIR)
+
+
+@contextmanager
+def quantizer_hints_dropped() -> Iterator[None]:
+    """While active, the root logger drops the quantizer's hints (:class:`QuantizerHintFilter`)."""
+    root = logging.getLogger()
+    hint_filter = QuantizerHintFilter()
+    root.addFilter(hint_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint_filter)
+
+
 def quantize(model: onnx.ModelProto, calibration: np.ndarray, *, input_name: str,
              per_channel: bool) -> onnx.ModelProto:
     """Static int8 QDQ quantization of ``model`` calibrated on ``calibration``.
@@ -97,25 +129,19 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray, *, input_name: str
     ------
     ExportError: ONNX Runtime's quantizer failed.
     """
-    quant_log = logging.getLogger()
-    level = quant_log.level
     with tempfile.TemporaryDirectory(prefix="edgesplit-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(model, str(src), save_as_external_data=False)
-        # the quantizer logs a "consider pre-processing" hint on the root logger; the exporter
-        # already ran onnx optimizations, so the hint is noise here
-        quant_log.setLevel(logging.ERROR)
         try:
-            quantize_static(
-                str(src), str(dst), ArrayCalibrationReader(input_name, calibration),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax, use_external_data_format=False,
-            )
+            with quantizer_hints_dropped():
+                quantize_static(
+                    str(src), str(dst), ArrayCalibrationReader(input_name, calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=False,
+                )
         except Exception as exc:   # the quantizer raises plain Exceptions and ORT errors
             raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            quant_log.setLevel(level)
         return onnx.load_model(str(dst), load_external_data=False)
 
 
