@@ -89,11 +89,6 @@ PARITY_KEYS = ("batch_sizes", "max_abs", "max_rel", "atol", "rtol", "passed")
 _DTYPES = ("float32",)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return sha256_bytes(Path(path).read_bytes())
-
-
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

@@ -249,11 +249,6 @@ def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarr
         raise ExportError(f"onnxruntime failed to run {what}: {first}") from None
 
 
-def is_trainable(bundle: Bundle) -> bool:
-    """Whether ``bundle`` carries training graphs (``export --trainable``)."""
-    return isinstance(bundle.manifest.get("trainable"), dict)
-
-
 def load_trainable(path: str | Path | Bundle, *, intra_op_threads: int | None = None
                    ) -> TrainableModel:
     """Open a trainable bundle: verify every file's sha256, open its graphs, read the params.

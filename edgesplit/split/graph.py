@@ -199,19 +199,6 @@ def module_calls(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_module"]
 
 
-def split_at(gm: fx.GraphModule, cut: str) -> tuple[nn.Module, nn.Module]:
-    """Split a traced model after the call of module ``cut``: (client, server). A segment that
-    only chains top-level modules comes back as an ``nn.Sequential``.
-
-    Raises
-    ------
-    ConfigError
-        See :func:`split_graph`.
-    """
-    client, server = split_graph(gm, cut)
-    return as_module(client), as_module(server)
-
-
 def split_graph(gm: fx.GraphModule, cut: str) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Split a traced model after the call of module ``cut``: (client, server) GraphModules.
 
