@@ -164,6 +164,12 @@ def _coder_probabilities(model: EntropyModel, shape: tuple[int, ...]) -> np.ndar
     return model.probabilities()[rows]
 
 
+def max_stream_bytes(n: int) -> int:
+    """Upper bound of an rANS stream of ``n`` codes: constriction's Categorical model quantizes
+    probabilities to 24 bits, so a code costs at most 24 bits; plus the final state words."""
+    return 4 * ((n * 24 + 31) // 32 + 2)
+
+
 def ans_encode(codes: np.ndarray, model: EntropyModel) -> bytes:
     """rANS-code uint8 ``codes`` (the tensor's shape, C order) with ``model``."""
     import constriction
@@ -184,8 +190,7 @@ def ans_decode(data: bytes | memoryview, shape: tuple[int, ...], model: EntropyM
     if len(data) % 4:
         raise CodecError(f"entropy-coded payload is {len(data)} bytes, not whole 32-bit words")
     n = int(np.prod(shape, dtype=np.int64))
-    # a symbol costs at most 16 bits here (16-bit quantized probabilities): bound the stream
-    if len(data) > 4 * ((n * 16 + 31) // 32 + 2):
+    if len(data) > max_stream_bytes(n):
         raise CodecError(f"entropy-coded payload of {len(data)} bytes is too long for {n} codes")
     probs = _coder_probabilities(model, shape)
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)

@@ -144,8 +144,8 @@ class FixedRange(ValueStage):
 
     def encoded_size(self, shape: Shape) -> int:
         n = element_count(shape)
-        if self.model_id:  # an upper bound: at most 16 bits a code, whole 32-bit words
-            return 4 * ((n * 16 + 31) // 32 + 2)
+        if self.model_id:  # an upper bound: whole 32-bit words, at most 24 bits a code
+            return entropy.max_stream_bytes(n)
         return (n * self.bits + 7) // 8
 
     # ---- the stage API ----------------------------------------------------------------------

@@ -641,16 +641,18 @@ class SplitServer:
     def _count(
         self, client: str, n: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, Any]:
-        """Add a trained step to ``client``'s counters; returns the reply meta of that step."""
-        meta = {"loss": float(loss.detach()), "correct": int((logits.argmax(1) == labels).sum()),
-                "n": n}
+        """Add a trained step to ``client``'s counters; returns the reply meta of that step:
+        the loss to 4 significant digits (for the client's progress, not its training) and the
+        correct count (the client knows its batch size, so ``n`` is not repeated)."""
+        value = float(loss.detach())
+        correct = int((logits.argmax(1) == labels).sum())
         stats = self.stats[client]
         stats.steps += 1
         stats.samples += n
         stats.labelled += n
-        stats.loss_sum += meta["loss"] * n
-        stats.correct += meta["correct"]
-        return meta
+        stats.loss_sum += value * n
+        stats.correct += correct
+        return {"loss": float(f"{value:.4g}"), "correct": correct}
 
     def _reference(self, message: Message, act: torch.Tensor) -> torch.Tensor | None:
         """The probe's fp32 copy of ``act``, decoded and checked; None when not a probe."""
