@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,39 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# --------------------------------------------------------------------------------------- TLS
+# A throwaway CA made with the openssl CLI: the ``cryptography`` package is not a dependency
+# and openssl is on every CI image we use. Without it the TLS tests fail (not skip): TLS must
+# be tested somewhere.
+_EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def _openssl(args: list[str], cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _leaf(cwd: Path, name: str, ca: str, ext: str) -> None:
+    """A key + certificate called ``name`` signed by the CA ``ca``, with extensions ``ext``."""
+    _openssl(["req", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+              "-subj", f"/CN={name}"], cwd)
+    (cwd / f"{name}.ext").write_text(ext)
+    _openssl(["x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+              "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+              "-extfile", f"{name}.ext"], cwd)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS tests need the openssl CLI on PATH to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "other-ca"):
+        _openssl(["req", "-x509", *_EC, "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+                  "-days", "2", "-subj", f"/CN=edgesplit test {ca}"], d)
+    _leaf(d, "server", "ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                             "extendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "rogue", "other-ca", "extendedKeyUsage=clientAuth\n")
+    return d

@@ -93,14 +93,12 @@ def resolve_token(args: argparse.Namespace) -> None:
         args.token = os.environ.get(TOKEN_ENV) or None
 
 
-def tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The TLS keyword arguments of ``GrpcTransport``/``fetch_status`` from parsed options."""
-    return {
-        "tls_ca": args.tls_ca,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-        "tls_server_name": args.tls_server_name,
-    }
+def client_tls(args: argparse.Namespace) -> Any:
+    """The :class:`~edgesplit.transport.tokens.TlsConfig` of the ``--tls-*`` options."""
+    from edgesplit.transport.tokens import TlsConfig
+
+    return TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                     server_name=args.tls_server_name)
 
 
 def open_transport(args: argparse.Namespace) -> Any:
@@ -109,7 +107,7 @@ def open_transport(args: argparse.Namespace) -> Any:
 
     return GrpcTransport(args.server, args.token, max_message_bytes=args.max_message_bytes,
                          retry=RetryPolicy(attempts=args.retries), timeout=args.timeout,
-                         **tls_kwargs(args))
+                         tls=client_tls(args))
 
 
 def add_parser(sub: argparse._SubParsersAction,
@@ -205,7 +203,12 @@ def add_parser(sub: argparse._SubParsersAction,
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgesplit.transport.grpc_client import check_target
+
     resolve_token(args)
+    # the address and TLS files are refused before the bundle, the data or torch load
+    check_target(args.server)
+    client_tls(args).load("client")
     if args.trainable:
         from edgesplit.cli.trainable import run_trainable_client
 

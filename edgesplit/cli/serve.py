@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.train.serving import MetricsLog, StateStore, server_fresh, server_from_checkpoint
     from edgesplit.transport.envelope import EnvelopeLimits
     from edgesplit.transport.grpc_server import SessionLimits, serve_handler
-    from edgesplit.transport.tokens import read_token_file
+    from edgesplit.transport.tokens import TlsConfig, read_token_file
     from edgesplit.wire.frame import FrameLimits
 
     set_threads(args)
@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             "--no-auth only for loopback experiments"
         )
     tokens = read_token_file(args.tokens) if args.tokens else None
+    tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    tls.load("server")   # bad TLS files are refused before the server is built (or trained)
     limits = SessionLimits(
         max_sessions=args.max_sessions,
         max_streams_per_client=args.max_streams_per_client,
@@ -188,9 +190,7 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         tokens=tokens,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_ca=args.tls_ca,
+        tls=tls,
         max_message_bytes=args.max_message_bytes,
         status=server.status,
         max_workers=args.max_workers,

@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from edgesplit.cli.client import add_connection_options, resolve_token, tls_kwargs
+from edgesplit.cli.client import add_connection_options, client_tls, resolve_token
 
 #: Columns of the per-client table, in order, with their headings; other keys follow.
 CLIENT_COLUMNS = {
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.transport.grpc_client import fetch_status
 
     resolve_token(args)
-    status = fetch_status(args.server, args.token, timeout=args.timeout, **tls_kwargs(args))
+    status = fetch_status(args.server, args.token, timeout=args.timeout, tls=client_tls(args))
     if args.json:
         from edgesplit.cli.common import print_json
 

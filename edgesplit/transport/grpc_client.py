@@ -35,7 +35,7 @@ from edgesplit.transport.grpc_server import (
     CONCURRENCY_LIMIT_TEXT,
     DEFAULT_MAX_MESSAGE_BYTES,
 )
-from edgesplit.transport.tokens import PathLike, TlsFiles, check_token, load_tls
+from edgesplit.transport.tokens import TlsConfig, TlsFiles, check_token
 from edgesplit.wire.messages import Message
 
 log = logging.getLogger(__name__)
@@ -165,16 +165,9 @@ class GrpcTransport:
         ``host:port`` of the server.
     token:
         This client's bearer token (``None`` only for servers run without tokens).
-    tls_ca:
-        PEM CA to verify the server with. Giving it (or ``tls_cert``/``tls_key``, or
-        ``tls=True`` for the system roots) switches the channel to TLS.
-    tls_cert, tls_key:
-        PEM certificate and key of this client, for servers that require mTLS.
-    tls_server_name:
-        Name to check the server certificate against when it differs from the host in
-        ``target`` (e.g. dialling by IP address).
     tls:
-        Force TLS with the system's root certificates when no ``tls_ca`` is given.
+        TLS settings (:class:`~edgesplit.transport.tokens.TlsConfig`): a CA, a client
+        certificate or ``system_roots`` switch the channel to TLS. ``None``: plaintext.
     max_message_bytes:
         Largest serialized envelope sent or accepted. Requests over it fail before sending.
     retry:
@@ -208,11 +201,7 @@ class GrpcTransport:
         target: str,
         token: str | None,
         *,
-        tls_ca: PathLike | None = None,
-        tls_cert: PathLike | None = None,
-        tls_key: PathLike | None = None,
-        tls_server_name: str | None = None,
-        tls: bool = False,
+        tls: TlsConfig | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy | None = None,
         timeout: float | None = 300.0,
@@ -221,12 +210,12 @@ class GrpcTransport:
             raise ConfigError(f"max_message_bytes must be positive, got {max_message_bytes}")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive or None, got {timeout}")
-        self.target = target
+        self.target = check_target(target)
         self.max_message_bytes = max_message_bytes
         self.retry = retry if retry is not None else RetryPolicy()
         self.timeout = timeout
-        self._tls = _client_tls(tls_ca, tls_cert, tls_key, tls)
-        self._tls_server_name = tls_server_name
+        self._tls = tls.load("client") if tls is not None else None
+        self._tls_server_name = tls.server_name if tls is not None else None
         self._metadata = _auth_metadata(token)
         self._lock = threading.Lock()
         self._rng = random.Random()
@@ -457,13 +446,33 @@ def _auth_metadata(token: str | None) -> list[tuple[str, str]]:
     return [(AUTH_METADATA_KEY, f"Bearer {token}")]
 
 
-def _client_tls(
-    ca: PathLike | None, cert: PathLike | None, key: PathLike | None, force: bool
-) -> TlsFiles | None:
-    files = load_tls(cert, key, ca, role="client")
-    if files.enabled or force:
-        return files
-    return None
+#: gRPC target schemes (``dns:///host:port``, ``unix:/path``, ...) passed through unchecked.
+_TARGET_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+
+
+def check_target(target: str) -> str:
+    """``target`` itself when it names a port: ``host:port``, ``[v6addr]:port`` or a gRPC URI.
+
+    Raises
+    ------
+    ConfigError
+        No port (gRPC would silently dial 443), a port outside 1..65535, an empty host, or an
+        IPv6 address without brackets.
+    """
+    if target.split(":", 1)[0] in _TARGET_SCHEMES:
+        return target
+    host, sep, port = target.rpartition(":")
+    example = f"{host or target or 'localhost'}:50051"
+    if not sep or not host or not port:
+        raise ConfigError(f"server address {target!r} has no port: give HOST:PORT, e.g. "
+                          f"{example} (without one gRPC would dial port 443)")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"server address {target!r}: an IPv6 address needs brackets, e.g. "
+                          "[::1]:50051")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"server address {target!r}: the port must be a number in 1..65535, "
+                          f"e.g. {host}:50051")
+    return target
 
 
 def _make_channel(
@@ -498,11 +507,7 @@ def fetch_status(
     target: str,
     token: str | None,
     *,
-    tls_ca: PathLike | None = None,
-    tls_cert: PathLike | None = None,
-    tls_key: PathLike | None = None,
-    tls_server_name: str | None = None,
-    tls: bool = False,
+    tls: TlsConfig | None = None,
     timeout: float = 10.0,
 ) -> dict[str, Any]:
     """Ask a server for its status table (the ``Status`` RPC).
@@ -514,9 +519,11 @@ def fetch_status(
     ProtocolError
         The status is not a JSON object.
     """
-    files = _client_tls(tls_ca, tls_cert, tls_key, tls)
+    check_target(target)
+    files = tls.load("client") if tls is not None else None
     metadata = _auth_metadata(token)
-    channel = _make_channel(target, files, tls_server_name, DEFAULT_MAX_MESSAGE_BYTES)
+    channel = _make_channel(target, files, tls.server_name if tls is not None else None,
+                            DEFAULT_MAX_MESSAGE_BYTES)
     try:
         stub = split_pb2_grpc.SplitStub(channel)
         reply = stub.Status(split_pb2.StatusRequest(), metadata=metadata, timeout=timeout)

@@ -48,7 +48,7 @@ from edgesplit.transport.envelope import (
     message_to_envelope,
     parse_envelope,
 )
-from edgesplit.transport.tokens import PathLike, check_token, load_tls
+from edgesplit.transport.tokens import TlsConfig, TlsFiles, check_token
 from edgesplit.wire.messages import Kind
 
 log = logging.getLogger(__name__)
@@ -433,9 +433,7 @@ def serve_handler(
     port: int = 0,
     *,
     tokens: dict[str, str] | None = None,
-    tls_cert: PathLike | None = None,
-    tls_key: PathLike | None = None,
-    tls_ca: PathLike | None = None,
+    tls: TlsConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     status: Callable[[], dict[str, Any]] | None = None,
     max_workers: int = 16,
@@ -454,10 +452,10 @@ def serve_handler(
     tokens:
         Client name -> bearer token. ``None`` turns authentication off (local tests only; a
         warning is logged unless ``host`` is a loopback address).
-    tls_cert, tls_key:
-        PEM files of the server's certificate and key; both or neither.
-    tls_ca:
-        PEM CA that client certificates must chain to. Giving it turns on mutual TLS.
+    tls:
+        TLS settings (:class:`~edgesplit.transport.tokens.TlsConfig`): ``cert`` and ``key``
+        turn TLS on, ``ca`` (client certificates must chain to it) mutual TLS. ``None``:
+        plaintext.
     max_message_bytes:
         Largest serialized envelope accepted or sent. Larger requests end their stream with
         ``RESOURCE_EXHAUSTED``.
@@ -490,7 +488,7 @@ def serve_handler(
     if not 0 <= port <= 65535:
         raise ConfigError(f"port must be in 0..65535, got {port}")
     limits = limits if limits is not None else SessionLimits()
-    tls = load_tls(tls_cert, tls_key, tls_ca, role="server")
+    tls_files = (tls.load("server") if tls is not None else None) or TlsFiles()
     table = TokenTable(tokens) if tokens is not None else None
     if table is None and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         log.warning(
@@ -512,11 +510,11 @@ def serve_handler(
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
         server.add_generic_rpc_handlers((servicer.generic_handler(),))
         try:
-            if tls.cert is not None and tls.key is not None:
+            if tls_files.cert is not None and tls_files.key is not None:
                 credentials = grpc.ssl_server_credentials(
-                    [(tls.key, tls.cert)],
-                    root_certificates=tls.ca,
-                    require_client_auth=tls.ca is not None,
+                    [(tls_files.key, tls_files.cert)],
+                    root_certificates=tls_files.ca,
+                    require_client_auth=tls_files.ca is not None,
                 )
                 bound = server.add_secure_port(address, credentials)
             else:
@@ -544,10 +542,10 @@ def serve_handler(
         )
     log.info(
         "serving on %s (tls=%s, mtls=%s, tokens=%s, max message %d bytes, %s)",
-        _join_host_port(host, bound), tls.cert is not None, tls.ca is not None,
+        _join_host_port(host, bound), tls_files.cert is not None, tls_files.ca is not None,
         "on" if table is not None else "off", max_message_bytes, limits,
     )
     return RunningServer(
-        server=server, host=host, port=bound, tls=tls.cert is not None,
+        server=server, host=host, port=bound, tls=tls_files.cert is not None,
         authenticated=table is not None, _loop=loop, _pools=(compute, status_pool),
     )

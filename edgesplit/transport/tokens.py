@@ -207,3 +207,49 @@ def load_tls(
         key=read_pem(key, f"TLS {role} private key") if key is not None else None,
         ca=read_pem(ca, "TLS CA certificate") if ca is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The TLS settings of one endpoint, as paths: what ``--tls-*`` options give.
+
+    One object for the three users: :class:`~edgesplit.transport.grpc_client.GrpcTransport`,
+    :func:`~edgesplit.transport.grpc_client.fetch_status` (``role="client"``) and
+    :func:`~edgesplit.transport.grpc_server.serve_handler` (``role="server"``).
+
+    Attributes
+    ----------
+    ca:
+        Client: the CA that signed the server's certificate (turns TLS on). Server: the CA
+        client certificates must chain to (turns mutual TLS on).
+    cert, key:
+        This endpoint's own certificate and key, both or neither. A server needs them for TLS;
+        a client gives them to servers that require mutual TLS.
+    server_name:
+        Client only: the name the server's certificate must carry when it differs from the
+        dialled host (an IP address, a tunnel).
+    system_roots:
+        Client only: TLS verified by the system's root certificates when no ``ca`` is given.
+    """
+
+    ca: PathLike | None = None
+    cert: PathLike | None = None
+    key: PathLike | None = None
+    server_name: str | None = None
+    system_roots: bool = False
+
+    def load(self, role: str) -> TlsFiles | None:
+        """Read and check the files for ``role`` ("client" or "server"); None when TLS is off.
+
+        Raises
+        ------
+        ConfigError
+            A file is missing or not PEM, ``cert`` comes without ``key`` (or the other way),
+            a server gets a CA without its own certificate, or client-only settings are given
+            to a server.
+        """
+        if role == "server" and (self.server_name is not None or self.system_roots):
+            raise ConfigError("server_name and system_roots are client TLS settings; a server "
+                              "takes cert, key and (for mutual TLS) ca")
+        files = load_tls(self.cert, self.key, self.ca, role=role)
+        return files if files.enabled or self.system_roots else None
