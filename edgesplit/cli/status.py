@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from edgesplit.cli.client import add_connection_options, client_tls, resolve_token
@@ -28,6 +29,8 @@ CLIENT_COLUMNS = {
     "last_seen": "last seen",
 }
 _BYTES_KEYS = {"bytes_in", "bytes_out", "bytes_act", "bytes_act_fp32"}
+#: Keys whose numbers are Unix timestamps (seconds): printed as ISO-8601 UTC with their age.
+_TIME_KEYS = {"time", "last_seen"}
 
 
 def add_parser(sub: argparse._SubParsersAction,
@@ -209,6 +212,19 @@ def _fmt(value: Any, fmt: str) -> str:
     return "—" if value is None else str(value)
 
 
+def _is_time_key(key: str) -> bool:
+    return key in _TIME_KEYS or key.endswith(("_time", "_at"))
+
+
+def timestamp(seconds: float, now: float) -> str:
+    """Unix ``seconds`` as ISO-8601 UTC and its age: ``2026-12-02T02:20:05Z (12 s ago)``;
+    ``never`` for 0 or less (a client that has not been seen)."""
+    if seconds <= 0:
+        return "never"
+    when = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    return f"{when.replace('+00:00', 'Z')} ({max(0.0, now - seconds):.0f} s ago)"
+
+
 def _cell(key: str, value: Any, now: float) -> str:
     """One value as table text; bytes and timestamps made readable, nested values as JSON."""
     from edgesplit.cli.common import human_bytes
@@ -217,10 +233,8 @@ def _cell(key: str, value: Any, now: float) -> str:
         return "—"
     if isinstance(value, bool):
         return str(value).lower()
-    if key == "last_seen" and isinstance(value, int | float):
-        if value <= 0:
-            return "never"
-        return f"{max(0.0, now - value):.0f} s ago"
+    if _is_time_key(key) and isinstance(value, int | float):
+        return timestamp(value, now)
     if key in _BYTES_KEYS and isinstance(value, int | float):
         return human_bytes(value)
     if isinstance(value, float):
