@@ -21,7 +21,9 @@ class SegmentProfile:
 def _layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     per_sample_out = out[0].numel()
     if isinstance(module, nn.Linear):
-        return 2 * module.in_features * module.out_features
+        # per output element one dot product of in_features; counts every leading position
+        # of a (seq, features) input, not just one
+        return 2 * module.in_features * per_sample_out
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         kernel = int(torch.tensor(module.kernel_size).prod())
         return 2 * (module.in_channels // module.groups) * kernel * per_sample_out
