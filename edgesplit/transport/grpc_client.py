@@ -361,11 +361,7 @@ class GrpcTransport:
         details = (item.details() if hasattr(item, "details") else "") or ""
         if code == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
             # Our side rejected the server's certificate: a new attempt sees the same one.
-            raise TransportError(
-                f"TLS handshake with {self.target} failed ({details}): check --tls-ca (the CA "
-                "that signed the server's certificate) and the name the certificate was made "
-                "for (--tls-server-name)"
-            )
+            raise TransportError(_handshake_failed(self.target, details))
         if code in _RETRYABLE and not stream.cancelled_by_us:
             return f"{code.name}: {details}"
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and CONCURRENCY_LIMIT_TEXT in details:
@@ -389,15 +385,7 @@ class GrpcTransport:
         )
 
     def _closed_socket_hint(self, reason: str) -> str:
-        # A server that drops the connection during the handshake looks like one that is down;
-        # the usual cause is a TLS mismatch, so say so.
-        if "Socket closed" not in reason:
-            return ""
-        if self._tls is None:
-            return " (if the server uses TLS, pass --tls-ca)"
-        if self._tls.cert is None:
-            return " (if the server requires client certificates, pass --tls-cert and --tls-key)"
-        return " (the server may not trust this client's certificate: check --tls-cert)"
+        return closed_socket_hint(reason, self._tls)
 
     def _size_error(self, message: Message, details: str) -> str:
         """Say which side's limit a RESOURCE_EXHAUSTED hit, from grpc's "(N vs. M)" text."""
@@ -444,6 +432,26 @@ def _auth_metadata(token: str | None) -> list[tuple[str, str]]:
         return []
     check_token(token, where="--token")
     return [(AUTH_METADATA_KEY, f"Bearer {token}")]
+
+
+def _handshake_failed(target: str, details: str) -> str:
+    return (f"TLS handshake with {target} failed ({details}): check --tls-ca (the CA that signed "
+            "the server's certificate) and the name the certificate was made for "
+            "(--tls-server-name)")
+
+
+def closed_socket_hint(reason: str, tls: TlsFiles | None) -> str:
+    """What to check when the server closed the socket during the handshake, or "".
+
+    Such a server looks like one that is down; the usual cause is a TLS mismatch, so say so.
+    """
+    if "Socket closed" not in reason:
+        return ""
+    if tls is None:
+        return " (if the server uses TLS, pass --tls-ca)"
+    if tls.cert is None:
+        return " (if the server requires client certificates, pass --tls-cert and --tls-key)"
+    return " (the server may not trust this client's certificate: check --tls-cert)"
 
 
 #: gRPC target schemes (``dns:///host:port``, ``unix:/path``, ...) passed through unchecked.
@@ -534,8 +542,11 @@ def fetch_status(
             raise TransportError(
                 f"server {target} refused the token (unauthenticated: {details}): check --token"
             ) from None
+        if code == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
+            raise TransportError(_handshake_failed(target, details)) from None
         raise TransportError(
             f"status request to {target} failed ({code.name}: {details})"
+            f"{closed_socket_hint(details, files)}"
         ) from None
     finally:
         channel.close()
