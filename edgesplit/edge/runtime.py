@@ -343,6 +343,8 @@ class EdgeClient:
                 runtime=RUNTIME,
                 bundle=self.bundle.name,
                 bundle_sha256=sha,
+                # the server refuses a bundle of another training run than its own
+                **({"run_id": self.bundle.run_id} if self.bundle.run_id else {}),
             ),
             Kind.WELCOME,
         )

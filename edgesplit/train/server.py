@@ -114,6 +114,9 @@ class SplitServer:
     defense:
         Privacy defenses (:mod:`edgesplit.split.defense`); the server applies the label-leak
         one to the cut gradients it returns.
+    run_id:
+        The training run the segment's weights come from (a checkpoint's ``run_id``); a HELLO
+        naming another run is refused.
     spec:
         The training settings the WELCOME reply tells clients (model, cuts, seed, epochs, ...),
         so a networked client builds exactly the segment the server expects.
@@ -134,6 +137,7 @@ class SplitServer:
         spec: dict[str, Any] | None = None,
         limits: FrameLimits = SERVER_LIMITS,
         defense: Defense | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.config = config
         self.segment = segment
@@ -141,6 +145,8 @@ class SplitServer:
             param_groups(segment, lr), lr=lr, momentum=momentum
         )
         self.limits = limits
+        #: The training run whose weights this server holds: a bundle of another run is refused.
+        self.run_id = run_id
         #: The label-leak defense perturbs every cut gradient this server returns.
         self.defense = defense or Defense()
         self.act_codec = TensorCodec.from_spec(codec, measure_snr=False, limits=limits)
@@ -281,6 +287,13 @@ class SplitServer:
 
     # ------------------------------------------------------------------ messages
     def _hello(self, message: Message) -> Message:
+        claimed = message.meta.get("run_id")
+        if self.run_id and claimed and claimed != self.run_id:
+            raise ProtocolError(
+                f"this bundle comes from training run {claimed}, but this server holds the "
+                f"layers of run {self.run_id}: export the bundle from the checkpoint this server "
+                "runs (or serve the bundle's own .server directory)"
+            )
         last = self._last_step.get((message.session, message.client), -1)
         return Message(
             Kind.WELCOME,
@@ -294,6 +307,7 @@ class SplitServer:
                 "grad_codec": self.grad_codec.codec.spec,
                 "spec": self.spec,
                 "group": self.group,
+                "run_id": self.run_id,
             },
         )
 

@@ -33,7 +33,7 @@ def server_from_checkpoint(path: str | Path) -> tuple[SplitServer, dict[str, Any
     ``<bundle>.server/`` directory, which holds only ``checkpoint.json`` and ``server.pt``)."""
     ck = load_checkpoint(path, segments=("server",))
     shapes = {"input_shape": list(ck.input_shape), "num_classes": ck.num_classes}
-    return _server(ck.spec, ck.parts.server, shapes), shapes
+    return _server(ck.spec, ck.parts.server, shapes, run_id=ck.run_id), shapes
 
 
 def server_fresh(spec: TrainSpec) -> tuple[SplitServer, dict[str, Any]]:
@@ -46,7 +46,9 @@ def server_fresh(spec: TrainSpec) -> tuple[SplitServer, dict[str, Any]]:
     return _server(spec, parts.server, shapes), shapes
 
 
-def _server(spec: TrainSpec, segment: torch.nn.Module, shapes: dict[str, Any]) -> SplitServer:
+def _server(
+    spec: TrainSpec, segment: torch.nn.Module, shapes: dict[str, Any], run_id: str | None = None
+) -> SplitServer:
     return SplitServer(
         spec.config,
         segment,
@@ -55,6 +57,7 @@ def _server(spec: TrainSpec, segment: torch.nn.Module, shapes: dict[str, Any]) -
         lr=spec.lr,
         spec={**asdict(spec), "shapes": shapes},
         defense=parse_defense(spec.defense, seed=spec.seed),
+        run_id=run_id,
     )
 
 
