@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
@@ -66,21 +66,19 @@ def _le_bytes(a: np.ndarray) -> memoryview:
     return np.ascontiguousarray(le).reshape(-1).view(np.uint8).data
 
 
-@register
-@dataclass(frozen=True)
-class Fp32(ValueStage):
-    """Raw little-endian float32: the identity baseline every ratio is measured against."""
+_P = TypeVar("_P", bound="_Parameterless")
 
-    name: ClassVar[str] = "fp32"
-    stage_id: ClassVar[int] = 1
+
+class _Parameterless(ValueStage):
+    """A value stage without spec arguments or frame params: its spec is its name."""
 
     @classmethod
-    def from_args(cls, args: Sequence[str]) -> Fp32:
+    def from_args(cls: type[_P], args: Sequence[str]) -> _P:
         cls._no_args(args)
         return cls()
 
     @classmethod
-    def from_params(cls, params: bytes) -> Fp32:
+    def from_params(cls: type[_P], params: bytes) -> _P:
         cls._no_params(params)
         return cls()
 
@@ -89,6 +87,15 @@ class Fp32(ValueStage):
 
     def spec(self) -> str:
         return self.name
+
+
+@register
+@dataclass(frozen=True)
+class Fp32(_Parameterless):
+    """Raw little-endian float32: the identity baseline every ratio is measured against."""
+
+    name: ClassVar[str] = "fp32"
+    stage_id: ClassVar[int] = 1
 
     def encoded_size(self, shape: Shape) -> int:
         return 4 * element_count(shape)
@@ -184,7 +191,7 @@ def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Half(ValueStage):
+class _Half(_Parameterless):
     """A 16-bit float stage: 2 bytes per element; subclasses give the bit conversions and the
     smallest magnitude that would overflow to inf."""
 
@@ -197,22 +204,6 @@ class _Half(ValueStage):
     @staticmethod
     def from_bits(bits: np.ndarray) -> np.ndarray:
         raise NotImplementedError
-
-    @classmethod
-    def from_args(cls, args: Sequence[str]) -> _Half:
-        cls._no_args(args)
-        return cls()
-
-    @classmethod
-    def from_params(cls, params: bytes) -> _Half:
-        cls._no_params(params)
-        return cls()
-
-    def params(self) -> bytes:
-        return b""
-
-    def spec(self) -> str:
-        return self.name
 
     def encoded_size(self, shape: Shape) -> int:
         return 2 * element_count(shape)

@@ -9,7 +9,6 @@ shape is wrong: duplicate tensor names or meta that is not a JSON object are a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from edgesplit.errors import ConfigError, ProtocolError
 from edgesplit.transport import split_pb2
-from edgesplit.wire.messages import Message
+from edgesplit.wire.messages import Message, parse_meta
 
 #: Largest step id the wire can carry (the proto field is a uint64).
 MAX_STEP = 2**64 - 1
@@ -145,17 +144,9 @@ def strict_meta(text: str, limit: int) -> dict[str, Any]:
             f"message meta is nested {depth} levels deep; the server accepts at most "
             f"{MAX_META_DEPTH}"
         )
-    try:
-        value = json.loads(
-            text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int
-        )
-    except RecursionError:
-        raise ProtocolError("message meta is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"message meta is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ProtocolError(f"message meta must be a JSON object, got {type(value).__name__}")
-    return value
+    return parse_meta(
+        text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int
+    )
 
 
 def message_to_envelope(message: Message) -> split_pb2.Envelope:

@@ -89,17 +89,29 @@ class Message:
 
     @staticmethod
     def meta_from_json(text: str) -> dict[str, Any]:
-        if not text:
-            return {}
-        try:
-            value = json.loads(text)
-        except RecursionError:
-            raise ProtocolError("message meta is nested too deeply") from None
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(f"message meta is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ProtocolError(f"message meta must be a JSON object, got {type(value).__name__}")
-        return value
+        return parse_meta(text)
+
+
+def parse_meta(text: str, **hooks: Any) -> dict[str, Any]:
+    """``meta_json`` text as a dict (``{}`` for ``""``); ``hooks`` go to :func:`json.loads`
+    (a stricter reader passes ``parse_constant``, ``parse_float``, ``parse_int``).
+
+    Raises
+    ------
+    ProtocolError
+        Invalid JSON, nesting too deep for the parser, or a value that is not an object.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text, **hooks)
+    except RecursionError:
+        raise ProtocolError("message meta is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"message meta is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"message meta must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def error_message(request: Message, code: str, text: str) -> Message:
