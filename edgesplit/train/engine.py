@@ -27,6 +27,7 @@ from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, fam
 from edgesplit.split.bottleneck import BottleneckSpec, with_decoder, with_encoder
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
 from edgesplit.split.defense import parse_defense
+from edgesplit.split.preprocess import refit, with_standardize
 from edgesplit.split.profile import profile_segment
 from edgesplit.train.client import SplitClient, StepResult
 from edgesplit.train.frames import CodecStats
@@ -84,6 +85,11 @@ def epoch_plan(
     own = shards(n, clients, seed)[index] if clients > 1 else np.arange(n)
     rng = np.random.default_rng([seed, epoch, index])
     return [own[idx] for idx in batches(len(own), batch_size, rng)]
+
+
+def client_rows(spec: TrainSpec, n: int, index: int) -> np.ndarray:
+    """The training rows client ``index`` holds (all of them for a single client)."""
+    return shards(n, spec.clients, spec.seed)[index] if spec.clients > 1 else np.arange(n)
 
 
 def shards(n: int, clients: int, seed: int) -> list[np.ndarray]:
@@ -199,6 +205,8 @@ def build_split(
         else:
             (lower, upper), head = cut_model(model, cuts[0]), None
         lower = defense.wrap_lower(lower)
+        if spec.normalize:
+            lower = with_standardize(lower, input_shape)
         ref = cut_shape(lower, input_shape)
         if neck is not None:
             lower, upper = with_encoder(lower, neck, ref), with_decoder(upper, neck, ref)
@@ -209,6 +217,8 @@ def build_split(
         shape = (*input_shape[:-1], hi - lo)
         lower, _ = cut_model(build_model(spec.model, shape, num_classes), cuts[0])
         lower = defense.wrap_lower(lower)
+        if spec.normalize:
+            lower = with_standardize(lower, shape)
         refs.append(cut_shape(lower, shape))
         if neck is not None:
             # each party sends its own D channels; the server's fused first layer decodes them
@@ -250,6 +260,12 @@ class _Run:
                 copy.deepcopy(parts.lowers[0]) for _ in range(spec.clients - 1)
             ]
             heads = [parts.head] + [copy.deepcopy(parts.head) for _ in range(spec.clients - 1)]
+        n = len(data.y_train)
+        for i, lower in enumerate(lowers):
+            # each client's input statistics come from its own training rows (vertical: its
+            # features of every row); a vanilla hand-off or a FedAvg round then carries them on
+            rows = np.arange(n) if spec.config == "vertical" else client_rows(spec, n, i)
+            refit(lower, self.party_x(data.x_train[rows], i).numpy())
         self.defense = parse_defense(spec.defense, seed=spec.seed)
         self.server = SplitServer(
             spec.config,

@@ -18,8 +18,9 @@ import torch
 
 from edgesplit.data import load_dataset
 from edgesplit.errors import ConfigError
+from edgesplit.split.preprocess import refit
 from edgesplit.train.client import SplitClient
-from edgesplit.train.engine import build_split, epoch_plan
+from edgesplit.train.engine import build_split, client_rows, epoch_plan
 from edgesplit.train.spec import TrainSpec
 from edgesplit.transport.base import Transport
 from edgesplit.wire.messages import Kind, Message, expect
@@ -77,6 +78,15 @@ def train_remote(
     torch.manual_seed(spec.seed)  # the same initial weights as the server's and our twins'
     parts = build_split(spec, input_shape, num_classes)
     lower = parts.lowers[index if spec.config == "vertical" else 0]
+    # input statistics from this client's own rows, as its in-process twin fits them
+    own = (
+        np.arange(len(data.y_train))
+        if spec.config == "vertical"
+        else client_rows(spec, len(data.y_train), index)
+    )
+    x_own = data.x_train[own]
+    cols = parts.blocks[index] if spec.config == "vertical" else None
+    refit(lower, x_own[..., cols[0] : cols[1]] if cols is not None else x_own)
     if initial_weights:
         from edgesplit.train.checkpoint import load_checkpoint
 

@@ -28,6 +28,8 @@ class TrainSpec:
     feature_split: vertical only, e.g. ``"0:10,10:30"``; default = K contiguous blocks.
     bottleneck: a learned bottleneck at the cut, ``"D[:BITS]"`` (e.g. ``"16:2"``); ``None`` = none.
     defense: privacy defenses at the cut (see :mod:`edgesplit.split.defense`); ``None`` = none.
+    normalize: start each client segment with input standardization fitted on that client's
+        own training rows (:mod:`edgesplit.split.preprocess`), exported inside client.onnx.
     """
 
     data: str = "digits"
@@ -44,6 +46,7 @@ class TrainSpec:
     feature_split: str | None = None
     bottleneck: str | None = None
     defense: str | None = None
+    normalize: bool = True
 
 
 @dataclass

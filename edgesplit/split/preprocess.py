@@ -1,0 +1,83 @@
+"""Input normalization that travels with the model.
+
+:class:`Standardize` is the first module of every client segment: ``(x - mean) / std`` with
+statistics fitted on that client's (that party's) own training rows. It is part of the segment,
+so it is saved in checkpoints and compiled into ``client.onnx``: a device feeds its raw readings
+(a lab value of 1,680, a pixel of 16) and never has to know how they were scaled.
+
+Statistics are per feature for tabular samples ``(F,)``, per channel for signals and images
+``(C, ...)``, one pair for single-channel images ``(H, W)`` — scaling each pixel by its own
+spread would blow up pixels that are almost always dark.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Spreads below this (constant features) are treated as 1: the feature is only centred.
+_MIN_STD = 1e-6
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with fixed (buffer) statistics, broadcast over the batch."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"stats_shape={tuple(self.mean.shape)}"
+
+
+def stats_axes(sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Axes of a batch ``(N, *sample_shape)`` the statistics are taken over."""
+    if len(sample_shape) == 1:
+        return (0,)  # per feature
+    if len(sample_shape) == 2 and sample_shape[0] > 16 and sample_shape[1] > 16:
+        return (0, 1, 2)  # a single-channel (H, W) image: one pair
+    return (0, *range(2, len(sample_shape) + 1))  # per channel of (C, ...)
+
+
+def fit_standardize(x: np.ndarray) -> Standardize:
+    """A :class:`Standardize` fitted on the rows ``x`` (``(N, *sample_shape)``)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    axes = stats_axes(tuple(x64.shape[1:]))
+    mean = x64.mean(axis=axes, keepdims=True)[0]
+    std = x64.std(axis=axes, keepdims=True)[0]
+    std = np.where(std > _MIN_STD, std, 1.0)
+    return Standardize(mean.astype(np.float32), std.astype(np.float32))
+
+
+def with_standardize(lower: nn.Module, sample_shape: tuple[int, ...]) -> nn.Sequential:
+    """``lower`` preceded by a :class:`Standardize` (named ``standardize``, identity until
+    :func:`refit` or a state dict gives it statistics)."""
+    layers = [("standardize", placeholder(sample_shape)), ("lower", lower)]
+    return nn.Sequential(OrderedDict(layers))
+
+
+def placeholder(sample_shape: tuple[int, ...]) -> Standardize:
+    """An identity :class:`Standardize` of the right shape, to be fitted or loaded later
+    (a checkpoint or a hand-off brings the statistics)."""
+    return fit_standardize(np.zeros((1, *sample_shape), dtype=np.float32))
+
+
+def refit(segment: nn.Module, x: np.ndarray) -> None:
+    """Fit the :class:`Standardize` that starts ``segment`` on the rows ``x``, in place
+    (nothing to do for a segment without one)."""
+    layer = next((m for m in segment.modules() if isinstance(m, Standardize)), None)
+    if layer is None:
+        return
+    fitted = fit_standardize(x)
+    layer.mean.copy_(fitted.mean)
+    layer.std.copy_(fitted.std)
