@@ -154,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.wire.frame import FrameLimits
 
     set_threads(args)
+    given = [flag for flag, value in (("--codec", args.codec), ("--grad-codec", args.grad_codec))
+             if value]
+    if args.source and given:
+        raise ConfigError(
+            f"{' and '.join(given)}: only for a fresh server; a server from --from uses the "
+            f"codecs its checkpoint was trained with (drop {'them' if len(given) > 1 else 'it'})"
+        )
     if args.tokens is None and not args.no_auth:
         raise ConfigError(
             "--tokens FILE is required (one `name token` per line); pass "

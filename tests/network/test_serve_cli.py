@@ -38,3 +38,14 @@ def test_bad_limits_are_one_line(flag: str, value: str, expected: str,
     rc = main(["serve", "--data", "digits", "--no-auth", "--port", "0", flag, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and expected in err[-1] and err[-1].startswith("edgesplit serve: error:")
+
+
+def test_codec_options_with_a_checkpoint_are_refused_before_loading_it(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the checkpoint does not exist: the codec refusal must come first, not be ignored
+    rc = main(["serve", "--from", str(tmp_path / "absent"), "--no-auth", "--port", "0",
+               "--codec", "q5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0] == ("edgesplit serve: error: --codec: only for a fresh server; a server from "
+                      "--from uses the codecs its checkpoint was trained with (drop it)")
