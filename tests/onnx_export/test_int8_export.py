@@ -25,12 +25,24 @@ def report(trained, tmp_path_factory):
                          ExportOptions(weights="int8", device="rpi4"))
 
 
+def _accuracy_through_server(cut: np.ndarray, trained) -> float:
+    """Test accuracy of the trained server segment on the cut tensors ``cut``."""
+    with torch.no_grad():
+        logits = trained.server_segment.eval()(torch.from_numpy(cut))
+    return float((logits.argmax(1).numpy() == trained.dataset.y_test).mean())
+
+
 def test_int8_accuracy_change_is_recorded_and_small(report, trained):
     m = report.manifest
     assert m["weights"] == "int8" and m["name"] == "digits-vanilla-int8"
     assert m["int8_accuracy_fp32"] == pytest.approx(trained.result.accuracy)
+    # measured here, independently: the shipped int8 file in front of the server segment
+    n = len(trained.dataset.y_test)
+    int8 = _accuracy_through_server(load_bundle(report.bundle).run(trained.dataset.x_test),
+                                    trained)
+    assert m["int8_accuracy"] == pytest.approx(int8, abs=1.5 / n)   # one sample may flip
     assert m["int8_accuracy_change"] == pytest.approx(
-        (m["int8_accuracy"] - m["int8_accuracy_fp32"]) * 100)
+        (int8 - trained.result.accuracy) * 100, abs=150 / n)
     # int8 on digits stays within a few points of fp32
     assert abs(m["int8_accuracy_change"]) <= 3.0
     assert 0 < m["int8_cut_max_abs"] < 1.0
@@ -45,26 +57,30 @@ def test_int8_accuracy_change_is_recorded_and_small(report, trained):
     assert m["device"]["precision"] == "int8" and m["device"]["fits"]
 
 
-def test_int8_model_is_quantized_checked_and_smaller(report):
+def test_int8_model_is_quantized_checked_and_smaller(report, trained):
     path = report.bundle / "client.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
-    fp32_size = (64 * 128 + 128) * 4
-    assert path.stat().st_size < fp32_size / 2
+    # fp32 bytes of the segment's weights and buffers; int8 weights take a quarter, per-channel
+    # scales, zero points and the int32 bias add a little
+    state = trained.client_segments[-1].state_dict().values()
+    fp32_bytes = sum(4 * t.numel() for t in state if t.is_floating_point())
+    assert path.stat().st_size < 0.6 * fp32_bytes
 
 
 def test_int8_bundle_runs_close_to_fp32(report, trained):
     bundle = load_bundle(report.bundle)
-    x = trained.dataset.x_test[:32]
+    x = trained.dataset.x_test
     with torch.no_grad():
         want = trained.client_segments[-1].eval()(torch.from_numpy(x)).numpy()
     got = bundle.run(x)
     assert got.dtype == np.float32 and got.shape == want.shape
-    # these samples are part of the test split the manifest's error was measured on
-    assert np.abs(got - want).max() <= report.manifest["int8_cut_max_abs"] + 1e-6
+    # the manifest's cut error is the largest over the test split: measured here, the same
+    assert np.abs(got - want).max() == pytest.approx(report.manifest["int8_cut_max_abs"],
+                                                     rel=1e-3)
 
 
 def test_int8_needs_data(trained, tmp_path):
