@@ -109,9 +109,12 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         acts = sum(len(m.tensors["act"]) for m in forwards)
         acts_fp32 = sum(_fp32_len(m.tensors["act"]) for m in forwards)
         assert train.bytes_up_fp32 == train.bytes_up - acts + acts_fp32 > train.bytes_up
-        # the ratio is the codec's: the fp32 probe copies are left out of both sides
-        assert train.ratio_up == pytest.approx(
-            (train.bytes_up_fp32 - train.bytes_probe) / (train.bytes_up - train.bytes_probe))
+        # the ratio is the codec's, from the frames that crossed: the fp32 probe copies left
+        # out of both sides, each act frame against the fp32 frame of its tensor
+        probes = sum(len(m.tensors.get("act_ref", b"")) for m in rec.sent)
+        sent = _frames_len(rec.sent) - probes
+        assert train.ratio_up == pytest.approx((sent - acts + acts_fp32) / sent)
+        assert train.ratio_up > 3.0   # q8 is a quarter of fp32 before zstd and headers
 
         assert train.samples == train.labelled == len(vanilla.x_train)
         assert train.accuracy is not None and train.accuracy > 0.85
