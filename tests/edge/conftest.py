@@ -70,6 +70,20 @@ def vanilla(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 
 @pytest.fixture(scope="session")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """vanilla cnn2d on 1×8×8 digit images cut at pool1, 3 epochs, q8+zstd activations."""
+    from edgesplit.data import load_dataset
+
+    root = tmp_path_factory.mktemp("edge-cnn")
+    digits = load_dataset("digits")
+    npz = root / "digits-images.npz"
+    np.savez(npz, x=digits.x_train.reshape(-1, 1, 8, 8), y=digits.y_train,
+             x_test=digits.x_test.reshape(-1, 1, 8, 8), y_test=digits.y_test)
+    return _export(root, TrainSpec(data=str(npz), model="cnn2d", epochs=3, codec="q8+zstd"),
+                   "digits-cnn")
+
+
+@pytest.fixture(scope="session")
 def ushape(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """ushape digits MLP, 2 epochs: the bundle carries the head, the server the middle."""
     return _export(tmp_path_factory.mktemp("edge-ushape"),
