@@ -81,8 +81,8 @@ def add_connection_options(parser: argparse.ArgumentParser, *, sessions: bool = 
     g.add_argument("--max-message-bytes", type=_positive, default=64 * 1024 * 1024,
                    metavar="N", help="largest message sent or accepted; set it to the server's")
     g.add_argument("--retries", type=_non_negative, default=8, metavar="N",
-                   help="reconnect attempts (jittered exponential backoff) before giving up "
-                   "on one request")
+                   help="reconnect attempts (jittered exponential backoff, 0.5 s doubling to "
+                   "15 s) before giving up on one request; 8 wait about 60 s in all")
     g.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="wait at most this long for one reply")
 

@@ -101,6 +101,12 @@ class RetryPolicy:
         r = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
         return base * r
 
+    @property
+    def budget(self) -> float:
+        """Seconds all reconnect waits for one request add up to (before jitter)."""
+        return sum(min(self.max_backoff, self.initial_backoff * self.multiplier ** k)
+                   for k in range(self.attempts))
+
 
 _END = object()  # request-queue sentinel: half-close the stream
 
@@ -338,12 +344,17 @@ class GrpcTransport:
                     f"after {failures} attempt(s): {reason}{self._closed_socket_hint(reason)}"
                 )
             delay = self.retry.delay(failures, self._rng)
-            log.warning(
-                "stream to %s broke (%s); retrying in %.2f s (attempt %d/%d, will resend "
-                "session %r step %d)",
-                self.target, reason, delay, failures, self.retry.attempts,
-                message.session, message.step,
-            )
+            if failures == 1:
+                # one warning per request that needs retries; the attempts after it are INFO
+                log.warning(
+                    "stream to %s broke (%s); retrying in %.2f s (up to %d attempts over "
+                    "~%.0f s, will resend session %r step %d)",
+                    self.target, reason, delay, self.retry.attempts, self.retry.budget,
+                    message.session, message.step,
+                )
+            else:
+                log.info("stream to %s still down (%s); retrying in %.2f s (attempt %d/%d)",
+                         self.target, reason, delay, failures, self.retry.attempts)
             time.sleep(delay)
             # A fresh channel, not just a fresh call: the old one may sit in its own
             # reconnect backoff or hold a connection to a server that is gone.

@@ -209,10 +209,20 @@ def test_unreachable_server_gives_up_after_budget(caplog: pytest.LogCaptureFixtu
     srv.stop(None)
     policy = RetryPolicy(attempts=2, initial_backoff=0.02, max_backoff=0.05)
     t = GrpcTransport(f"127.0.0.1:{port}", TOKENS["alice"], retry=policy)
-    with caplog.at_level(logging.WARNING), pytest.raises(TransportError, match="after 3 attempt"):
+    with caplog.at_level(logging.INFO), pytest.raises(TransportError, match="after 3 attempt"):
         t.request(forward(1, np.ones(2), np.ones(2)))
-    assert caplog.text.count("retrying in") == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.INFO and "still down" in r.getMessage()]
+    # one warning saying the plan (2 attempts, 0.02 + 0.04 s), the other attempt at INFO
+    assert len(warnings) == 1 and "up to 2 attempts over ~0 s" in warnings[0], warnings
+    assert len(infos) == 1 and "attempt 2/2" in infos[0], infos
     t.close()
+
+
+def test_retry_budget_adds_the_capped_backoffs() -> None:
+    assert RetryPolicy().budget == pytest.approx(0.5 + 1 + 2 + 4 + 8 + 15 + 15 + 15)
+    assert RetryPolicy(attempts=0).budget == 0
 
 
 def test_message_over_client_limit_fails_before_sending(server: RunningServer) -> None:
