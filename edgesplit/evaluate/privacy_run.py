@@ -138,9 +138,18 @@ class RecordingTransport:
         self.name = name
         self.log = log
 
+    @property
+    def wire_bytes_up(self) -> int:
+        return self.inner.wire_bytes_up
+
+    @property
+    def wire_bytes_down(self) -> int:
+        return self.inner.wire_bytes_down
+
     def request(self, message: Message) -> Message:
         reply = self.inner.request(message)
-        if (message.kind == Kind.FORWARD and message.meta.get("train")
+        # a training FORWARD asks for the gradient unless it says want_grad: false
+        if (message.kind == Kind.FORWARD and message.meta.get("want_grad", True) is not False
                 and reply.kind == Kind.GRADIENT and "grad" in reply.tensors
                 and not self.log.full(self.name)):
             labels = (np.asarray(decode_frame(message.tensors["labels"])).astype(np.int64)

@@ -151,6 +151,12 @@ class SplitClient:
         self.step += 1
         self.lower.train()
         act = self.lower(x)
+        if not bool(torch.isfinite(act).all()):
+            # a result, not a crash: the codec would refuse it, and a sweep must go on
+            raise TrainingDiverged(
+                f"training diverged at step {self.step}: the client's cut activations are not "
+                "finite; lower --lr or clip the cut (e.g. --defense noise:0:4)"
+            )
         frame = self.act.encode(act, fit=True)
         tensors = self._with_model({"act": frame})
         fp32 = {"act": fp32_frame_size(self._reference(act))}
