@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/edgesplit demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check edgesplit tests bench
+	$(BIN)/ruff check edgesplit tests bench scripts
 	$(BIN)/lint-imports
 
 # mypy settings: [tool.mypy] in pyproject.toml (checks the Python 3.10 branch of the code)
@@ -25,7 +25,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy edgesplit
 
 # coverage settings: [tool.coverage.*] in pyproject.toml (subprocesses measured too)
-test: lint
+test: lint typecheck
 	$(BIN)/pytest -q --cov=edgesplit --cov-report=term:skip-covered
 
 # Python 3.10, the oldest pyproject.toml claims: the base install (the torch-free edge runtime)
@@ -50,6 +50,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/split_overhead.py
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/edge_runtime.py
+	$(BIN)/python bench/rate.py
+	$(BIN)/python bench/ondevice_train.py
+	$(BIN)/python bench/load.py
 
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/gen_proto.sh

@@ -22,7 +22,9 @@ TORCH_FREE = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]
+) -> None:
     p = sub.add_parser(
         "demo",
         formatter_class=formatter,
@@ -113,7 +115,7 @@ def _codec_table(args: argparse.Namespace, codecs: list[str]) -> list[dict[str, 
             table.add_column(col, justify="right")
         for r in rows:
             table.add_row(
-                r["codec"],
+                str(r["codec"]),
                 f"{r['accuracy']:.4f}",
                 f"{r['bytes_up_per_sample']:.1f}",
                 f"{r['bytes_down_per_sample']:.1f}",
@@ -202,7 +204,8 @@ def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     try:
         line = server.stdout.readline() if server.stdout else ""
         if "listening on" not in line:
-            raise EdgesplitError(f"serve did not start: {server.stderr.read()[-500:]}")
+            err = server.stderr.read() if server.stderr else ""
+            raise EdgesplitError(f"serve did not start: {err[-500:]}")
         address = line.split("listening on", 1)[1].strip()
         for mode, codec in [("train", args.deploy_codec)] + [("infer", c) for c in codecs]:
             proc = subprocess.run(

@@ -13,7 +13,9 @@ from edgesplit.cli.common import (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]
+) -> None:
     p = sub.add_parser(
         "train",
         formatter_class=formatter,

@@ -183,7 +183,9 @@ def ans_encode(codes: np.ndarray, model: EntropyModel) -> bytes:
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def ans_decode(data: bytes | memoryview, shape: tuple[int, ...], model: EntropyModel) -> np.ndarray:
+def ans_decode(
+    data: bytes | bytearray | memoryview, shape: tuple[int, ...], model: EntropyModel
+) -> np.ndarray:
     """Inverse of :func:`ans_encode`; a corrupt or truncated stream is a :class:`CodecError`."""
     import constriction
 

@@ -197,24 +197,24 @@ def _one(rows: Sequence[Mapping[str, Any]], budget_rows: list[int], device: str,
                               f"({unknown} configuration(s) within budget)")
 
     def key(i: int) -> tuple[float, float, float]:
-        lat = _num(_latency(rows[i], device, link).get("total_ms"))  # type: ignore[union-attr]
+        lat = _num((_latency(rows[i], device, link) or {}).get("total_ms"))
         nbytes = _num(rows[i].get("bytes_per_sample"))
         acc = -_num(rows[i].get("accuracy_mean"))
         return (lat, nbytes, acc) if objective == "latency" else (nbytes, lat, acc)
 
     best = min(feasible, key=key)
     r = rows[best]
-    lat = _num(_latency(r, device, link).get("total_ms"))  # type: ignore[union-attr]
+    lat_ms = _num((_latency(r, device, link) or {}).get("total_ms"))
     acc = float(r["accuracy_mean"])
     drop = drop_points(acc, base)
-    what = (f"lowest latency ({lat:,.1f} ms per step)" if objective == "latency"
+    what = (f"lowest latency ({lat_ms:,.1f} ms per step)" if objective == "latency"
             else f"fewest bytes ({_num(r.get('bytes_per_sample')):,.1f} B per sample)")
     reason = (f"{what} of {len(feasible)} feasible configuration(s) within {max_drop:g} points "
               f"of the reference {100 * base.accuracy:.2f}% (drop {drop:.2f} points)")
     return Recommendation(
         device=device, link=link, objective=objective, reason=reason, cut=r.get("cut"),
         codec=r.get("codec"), grad_codec=r.get("grad_codec"), accuracy_mean=acc,
-        drop_points=drop, bytes_per_sample=_num(r.get("bytes_per_sample")), latency_ms=lat,
+        drop_points=drop, bytes_per_sample=_num(r.get("bytes_per_sample")), latency_ms=lat_ms,
         row=best,
     )
 

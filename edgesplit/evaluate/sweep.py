@@ -265,17 +265,17 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
                                objective=args.objective, baseline=baseline,
                                max_psnr=args.max_psnr, max_label_auc=args.max_label_auc)
     fl = fl_comparison(rows, args) if args.compare_fl else None
-    result = SweepResult(
+    sweep = SweepResult(
         args=args, rows=rows, baseline=baseline, recommendations=recs, devices=devices,
         links=links, server=server, host=host, fl_comparison=fl, trained_cells=trained,
         cached_cells=reused, elapsed_s=time.perf_counter() - started,
     )
-    result.privacy_samples = _samples(leaks) if args.privacy else None
+    sweep.privacy_samples = _samples(leaks) if args.privacy else None
     if write_report:
         from edgesplit.evaluate.report import write_report as _write
 
-        _write(result.to_json(), out)
-    return result
+        _write(sweep.to_json(), out)
+    return sweep
 
 
 def _privacy_cell(args: SweepArgs, spec: TrainSpec, key: dict[str, Any], cache: Path,

@@ -154,7 +154,8 @@ def with_decoder(upper: nn.Module, spec: BottleneckSpec, cut_shape: tuple[int, .
 
 def param_groups(module: nn.Module, lr: float) -> list[dict[str, object]]:
     """Optimizer groups: the bottleneck's own layers at ``lr × LR_SCALE``, the rest at ``lr``."""
-    fast, slow = [], []
+    fast: list[nn.Parameter] = []
+    slow: list[nn.Parameter] = []
     for name, param in module.named_parameters():
         part = name.split(".")
         (fast if "bottleneck" in part or "unbottleneck" in part else slow).append(param)

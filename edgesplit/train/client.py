@@ -84,10 +84,10 @@ class SplitClient:
     defense: Defense = field(default_factory=Defense)
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     step: int = 0
-    bytes: ClientBytes = field(init=False)
+    traffic: ClientBytes = field(init=False)
 
     def __post_init__(self) -> None:
-        self.bytes = ClientBytes(self.name)
+        self.traffic = ClientBytes(self.name)
         self.act = TensorCodec.from_spec(self.codec, measure_snr=self.measure_snr)
         self.grad = TensorCodec.from_spec(self.grad_codec, measure_snr=False)
         groups = param_groups(self.lower, self.lr)
@@ -127,19 +127,19 @@ class SplitClient:
         up = self.transport.wire_bytes_up - up0
         self._last_down = down = self.transport.wire_bytes_down - down0
         if kind == Kind.WEIGHTS:
-            self.bytes.weights_up += up
-            self.bytes.weights_down += down
+            self.traffic.weights_up += up
+            self.traffic.weights_down += down
         elif count:
-            self.bytes.bytes_up += up
-            self.bytes.envelope_up += up - message.tensor_bytes()
-            self.bytes.bytes_up_fp32 += up + _resize_cost(message, fp32 or {})
-            self.bytes.bytes_down += down
-            self.bytes.envelope_down += down - reply.tensor_bytes()
+            self.traffic.bytes_up += up
+            self.traffic.envelope_up += up - message.tensor_bytes()
+            self.traffic.bytes_up_fp32 += up + _resize_cost(message, fp32 or {})
+            self.traffic.bytes_down += down
+            self.traffic.envelope_down += down - reply.tensor_bytes()
         return reply
 
     def _count_down_fp32(self, reply: Message, name: str, shape: tuple[int, ...]) -> None:
         """The reply just received, with its tensor ``name`` as an fp32 frame of ``shape``."""
-        self.bytes.bytes_down_fp32 += self._last_down + _resize_cost(
+        self.traffic.bytes_down_fp32 += self._last_down + _resize_cost(
             reply, {name: fp32_frame_size(shape)}
         )
 
@@ -162,14 +162,10 @@ class SplitClient:
         fp32 = {"act": fp32_frame_size(self._reference(act))}
         if self.head is None and self.send_labels and y is not None:
             tensors["labels"] = encode_labels(y, self.num_classes)
+        # a training step wants the cut gradient back: the protocol's default, not sent
+        meta: dict[str, Any] = {"ids": ids_digest(ids)} if ids is not None else {}
         reply = expect(
-            self._send(
-                Kind.FORWARD,
-                tensors,
-                fp32,
-                # a training step wants the cut gradient back: the protocol's default, not sent
-                **({"ids": ids_digest(ids)} if ids is not None else {}),
-            ),
+            self._send(Kind.FORWARD, tensors, fp32, **meta),
             Kind.GRADIENT,
             Kind.MIDDLE,
         )
@@ -222,6 +218,8 @@ class SplitClient:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # fills the head's grads and mid.grad
+        if mid.grad is None:
+            raise ProtocolError("the head did not use the middle outputs: no gradient to return")
         frame = self.grad.encode(mid.grad)
         reply2 = expect(
             self._send(

@@ -142,7 +142,7 @@ def resolve_cuts(spec: TrainSpec, input_shape: tuple[int, ...]) -> tuple[str, ..
     return parse_cuts(spec.cut, spec.config, default)
 
 
-def _fused_upper(upper: nn.Sequential, fused_width: int) -> nn.Sequential:
+def _fused_upper(upper: nn.Module, fused_width: int) -> nn.Sequential:
     """Vertical: the server's upper layers take the concatenation of every party's output, so
     its first Linear layer is rebuilt for that width (same output width, fresh weights)."""
     if not isinstance(upper, nn.Sequential):
@@ -342,14 +342,17 @@ class _Run:
                 results += [
                     step(i, c, plans[i][b]) for i, c in enumerate(self.clients) if b < len(plans[i])
                 ]
-            self._parallel(
-                lambda i, c: c.federated_average(
-                    epoch, i, n_clients, sum(len(rows) for rows in plans[i])
-                )
-            )
+            def average(i: int, c: SplitClient) -> None:
+                c.federated_average(epoch, i, n_clients, sum(len(rows) for rows in plans[i]))
+
+            self._parallel(average)
         else:  # vertical: every party runs the same batch of sample ids, at once
             for b in range(len(plans[0])):
-                results.append(self._parallel(lambda i, c, b=b: step(i, c, plans[i][b]))[0])
+
+                def party_step(i: int, c: SplitClient, b: int = b) -> StepResult:
+                    return step(i, c, plans[i][b])
+
+                results.append(self._parallel(party_step)[0])
         for client in self.clients:
             client.refit_entropy_model()
         n = sum(r.n for r in results)
@@ -370,9 +373,10 @@ class _Run:
         for start in range(0, len(data.y_test), 256):
             rows = slice(start, start + 256)
             if spec.config == "vertical":
-                preds = self._parallel(
-                    lambda i, c, rows=rows: c.predict(self.party_x(data.x_test[rows], i))
-                )[0]
+                def party_predict(i: int, c: SplitClient, rows: slice = rows) -> np.ndarray:
+                    return c.predict(self.party_x(data.x_test[rows], i))
+
+                preds = self._parallel(party_predict)[0]
             else:
                 # after the last hand-off / average, the last client holds the current weights
                 preds = self.clients[-1].predict(torch.from_numpy(data.x_test[rows]))
@@ -381,7 +385,7 @@ class _Run:
 
     def result(self, history: list[dict[str, float]], accuracy: float) -> TrainResult:
         spec = self.spec
-        per_client = [c.bytes for c in self.clients]
+        per_client = [c.traffic for c in self.clients]
         # one profile per distinct client segment: each vertical party, or the shared shape
         shapes = self.party_shapes if spec.config == "vertical" else [self.input_shape]
         profiles = [

@@ -79,12 +79,12 @@ def train_remote(
     parts = build_split(spec, input_shape, num_classes)
     lower = parts.lowers[index if spec.config == "vertical" else 0]
     # input statistics from this client's own rows, as its in-process twin fits them
-    own = (
+    rows = (
         np.arange(len(data.y_train))
         if spec.config == "vertical"
         else client_rows(spec, len(data.y_train), index)
     )
-    x_own = data.x_train[own]
+    x_own = data.x_train[rows]
     cols = parts.blocks[index] if spec.config == "vertical" else None
     refit(lower, x_own[..., cols[0] : cols[1]] if cols is not None else x_own)
     if initial_weights:
@@ -159,7 +159,7 @@ def train_remote(
     for s in range(0, len(data.y_test), 256):
         preds = client.predict(view(data.x_test[s : s + 256]))
         correct += int((preds == data.y_test[s : s + 256]).sum())
-    b = client.bytes
+    b = client.traffic
     return {
         "client": client.name,
         "config": spec.config,

@@ -445,7 +445,7 @@ class SplitServer:
             message.session,
             message.client,
             message.step,
-            {"grad": self.grad_codec.encode(act.grad)},
+            {"grad": self._encode_grad(message.step, act.grad)},
         )
 
     def _vertical(self, message: Message, *, train: bool) -> Message:
@@ -740,7 +740,7 @@ class SplitServer:
             self.handoffs = int(meta["handoffs"])
             self.group = str(meta["group"])
             self._last_step = {
-                tuple(k.split("\t", 1)): int(v)  # type: ignore[misc]
+                tuple(k.split("\t", 1)): int(v)
                 for k, v in meta["last_step"].items()
             }
             for key, items in meta["records"].items():

@@ -20,8 +20,15 @@ class Transport(Protocol):
     (frames, names, ids and meta): what byte counts report.
     """
 
-    wire_bytes_up: int
-    wire_bytes_down: int
+    @property
+    def wire_bytes_up(self) -> int:
+        """Bytes of every serialised request envelope sent so far."""
+        ...
+
+    @property
+    def wire_bytes_down(self) -> int:
+        """Bytes of every serialised reply envelope received so far."""
+        ...
 
     def request(self, message: Message) -> Message:
         """Send one request and wait for its reply."""
