@@ -80,6 +80,8 @@ REQUIRED_KEYS: dict[str, tuple[type | None, ...]] = {
 OPTIONAL_KEYS: dict[str, tuple[type | None, ...]] = {
     "run_id": (str,),                   # uuid hex of the training run; its server has the same
     "entropy_models": (dict,),          # hex id -> frequency table of the fq codec's models
+    "preprocess": (dict, None),         # {mean, std}: standardize x before client.onnx (a
+                                        # device-trained bundle; exports compile it in)
 }
 #: Keys every tensor description (``input``, ``output``, ``head.input``, ``head.output``) holds.
 TENSOR_KEYS = ("name", "shape", "dtype")
@@ -240,6 +242,7 @@ class Bundle:
         ExportError: ONNX Runtime failed to run the model.
         """
         x = self.input.check(x, f"input {self.input.name!r} of {self.name}")
+        x = standardize(x, self.manifest.get("preprocess"))
         return _run(self._session, self.input.name, x, CLIENT_FILE)
 
     def run_head(self, mid: np.ndarray) -> np.ndarray:
@@ -255,6 +258,15 @@ class Bundle:
                               "bundles run layers after the server's")
         mid = self.head_input.check(mid, f"head input {self.head_input.name!r} of {self.name}")
         return _run(self._head_session, self.head_input.name, mid, HEAD_FILE)
+
+
+def standardize(x: np.ndarray, stats: dict[str, Any] | None) -> np.ndarray:
+    """``(x - mean) / std`` with a manifest's recorded statistics (``x`` itself without)."""
+    if not stats:
+        return x
+    mean = np.asarray(stats["mean"], dtype=np.float32)
+    std = np.asarray(stats["std"], dtype=np.float32)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
 
 def _run(session: Any, input_name: str, x: np.ndarray, what: str) -> np.ndarray:

@@ -44,6 +44,7 @@ from edgesplit.edge.bundle import (
     Bundle,
     load_bundle,
     sha256_bytes,
+    standardize,
     validate_manifest,
 )
 from edgesplit.edge.optim import Optimizer, make_optimizer
@@ -147,7 +148,11 @@ class TrainableModel:
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Cut tensor and residuals for a batch ``x`` (this party's features)."""
         x = self.bundle.input.check(x, f"input of {self.bundle.name}")
-        return self.lower.run_forward(self.params, x)
+        return self.lower.run_forward(self.params, self.preprocess(x))
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """The input standardization the training graphs expect (outside them: fixed)."""
+        return standardize(x, self.section.get("preprocess"))
 
     def backward(self, residuals: list[np.ndarray], grad: np.ndarray) -> list[np.ndarray]:
         """The segment's parameter gradients from a step's residuals and the cut gradient."""
@@ -216,6 +221,9 @@ class TrainableModel:
         dest = self.check_destination(dest)
         manifest = json.loads(json.dumps(self.bundle.manifest))
         manifest.pop("trainable", None)
+        # the trained client.onnx is the training graphs' segment: standardization outside it
+        if self.section.get("preprocess"):
+            manifest["preprocess"] = self.section["preprocess"]
         files = {CLIENT_FILE: self.client_onnx()}
         head = manifest["files"].get("head")
         if head:
@@ -748,7 +756,7 @@ class EdgeTrainer(EdgeClient):
         correct = 0
         for s in range(0, len(x), batch_size):
             xb = self.bundle.select_features(x[s:s + batch_size])
-            (cut,) = session.run(None, {"x": xb})
+            (cut,) = session.run(None, {"x": self.model.preprocess(xb)})
             tensors = {"act": encode_frame(np.asarray(cut), self.codec)}
             reply = expect(self._request(Kind.PREDICT, tensors), Kind.PREDICTION, Kind.MIDDLE)
             if reply.kind == Kind.MIDDLE:

@@ -43,6 +43,7 @@ from edgesplit.onnx_export.parity import ort_session
 from edgesplit.onnx_export.pipeline import ExportOptions, export_bundle
 from edgesplit.onnx_export.segment import DEFAULT_OPSET, check_model
 from edgesplit.onnx_export.source import SplitModel
+from edgesplit.split.preprocess import stats_json, without_standardize
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +492,14 @@ def export_trainable(model: SplitModel, out: Path, *, party: int = 0) -> dict[st
     model.check_party(party)
     lower = model.lowers[party]
     samples, _source = model.samples(party, 256)
-    files, section = build_trainable(lower, samples)   # before anything is written
+    # the input standardization stays outside the training graphs: the device applies it in
+    # numpy (its statistics are fixed, never trained)
+    core, standardize = without_standardize(lower)
+    with torch.no_grad():
+        core_samples = samples if standardize is None else standardize(
+            torch.from_numpy(samples)).numpy()
+    files, section = build_trainable(core, core_samples)   # before anything is written
+    section["preprocess"] = stats_json(standardize)
     if model.head is not None:
         # ushape: the head trains on the device too, and passes the gradient of its input
         # (the server's middle output) back to the server

@@ -81,3 +81,25 @@ def refit(segment: nn.Module, x: np.ndarray) -> None:
     fitted = fit_standardize(x)
     layer.mean.copy_(fitted.mean)
     layer.std.copy_(fitted.std)
+
+
+def without_standardize(segment: nn.Module) -> tuple[nn.Module, Standardize | None]:
+    """A copy of ``segment`` whose :class:`Standardize` is an identity, and that layer: for
+    graphs that take standardized input (the device's training graphs standardize in numpy)."""
+    import copy
+
+    core = copy.deepcopy(segment)
+    for name, module in core.named_modules():
+        if isinstance(module, Standardize):
+            parent_name, _, child = name.rpartition(".")
+            parent = core.get_submodule(parent_name) if parent_name else core
+            setattr(parent, child, nn.Identity())
+            return core, module
+    return core, None
+
+
+def stats_json(layer: Standardize | None) -> dict[str, object] | None:
+    """``{"mean": nested list, "std": nested list}`` of ``layer`` (``None`` without one)."""
+    if layer is None:
+        return None
+    return {"mean": layer.mean.numpy().tolist(), "std": layer.std.numpy().tolist()}

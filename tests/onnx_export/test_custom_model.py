@@ -59,7 +59,9 @@ def trained(tmp_path_factory):
 
 
 def test_residual_model_trains_through_the_cut(trained):
-    lower, server = trained.client_segments[-1], trained.server_segment
+    client, server = trained.client_segments[-1], trained.server_segment
+    # the client segment is (input standardization, the fx-cut lower part of the model)
+    lower = client.get_submodule("lower")
     assert isinstance(lower, fx.GraphModule) and isinstance(server, fx.GraphModule)
     assert "block1.conv2.weight" in lower.state_dict()
     assert "block2.conv1.weight" in server.state_dict()
