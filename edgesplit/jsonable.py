@@ -15,3 +15,14 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def as_number(value: Any) -> float:
+    """``value`` as a float for sorting and formatting result rows: ``nan`` for ``None``, a
+    bool (a flag is not a number) or anything ``float()`` refuses."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

@@ -22,6 +22,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from edgesplit.jsonable import as_number as _num
+
 #: Row keys the sweep's frontier uses.
 ACCURACY_KEY = "accuracy_mean"
 BYTES_KEY = "bytes_per_sample"
@@ -84,11 +86,3 @@ def frontier(rows: Sequence[Mapping[str, Any]], accuracy_key: str = ACCURACY_KEY
 def _valid(p: tuple[float, float]) -> bool:
     return not (math.isnan(p[0]) or math.isnan(p[1]))
 
-
-def _num(value: Any) -> float:
-    if value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan

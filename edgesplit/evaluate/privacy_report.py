@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgesplit.jsonable import as_number as _num
+
 #: The leakage plot's file name, in ``--out``.
 PLOT = "privacy.png"
 #: Scalar privacy fields written to results.csv (as ``privacy.<field>``).
@@ -218,12 +220,6 @@ def plot_grid(doc: Mapping[str, Any], cut: str, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-
-def _num(value: Any) -> float:
-    try:
-        return float(value) if value is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _f(value: Any, digits: int) -> str:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgesplit.errors import ConfigError
+from edgesplit.jsonable import as_number as _num
 
 OBJECTIVES = ("latency", "bytes")
 #: Codec spec of the uncompressed baseline.
@@ -240,11 +241,3 @@ def _latency(row: Mapping[str, Any], device: str, link: str) -> Mapping[str, Any
 def _finite(value: Any) -> bool:
     return math.isfinite(_num(value))
 
-
-def _num(value: Any) -> float:
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan

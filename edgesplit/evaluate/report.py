@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgesplit.evaluate import privacy_report
+from edgesplit.jsonable import as_number as _num
 
 #: Output file names, in ``--out``.
 FILES = {
@@ -430,14 +431,6 @@ def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
         out.append("| " + " | ".join("—" for _ in head) + " |")
     return out
 
-
-def _num(value: Any) -> float:
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _f(value: Any, digits: int) -> str:
