@@ -62,6 +62,21 @@ def add_parser(sub: argparse._SubParsersAction,
         help="largest message accepted or sent",
     )
     g.add_argument(
+        "--ladder",
+        default=None,
+        metavar="CODECS",
+        help="adaptive bitrate: codecs cheapest first, e.g. q2+zstd,q4+zstd,q8+zstd; clients "
+        "sending probes (--probe-every) are moved along it, each switch logged in --metrics "
+        "(default: off, clients keep their codec)",
+    )
+    g.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.5,
+        help="with --ladder: accuracy points a probe may lose (decoded vs fp32 copy) before "
+        "the client moves to more bits (default: 0.5)",
+    )
+    g.add_argument(
         "--max-tensor-mib",
         type=int,
         default=64,
@@ -180,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         server, shapes = server_fresh(spec_from_args(args))
     server.wait_timeout = args.wait_timeout
+    if args.ladder:
+        from edgesplit.train.controller import BitrateController
+
+        server.controller = BitrateController.parse(args.ladder, args.max_drop)
     server.set_limits(
         FrameLimits(
             max_elements=args.max_tensor_mib << 18, max_decoded_bytes=args.max_tensor_mib << 20

@@ -473,6 +473,9 @@ class EdgeClient:
                 self._request(Kind.PREDICT, tensors, **extra), Kind.PREDICTION, Kind.MIDDLE
             )
         t_network = time.perf_counter()
+        if isinstance(reply.meta.get("codec"), str):
+            # the server's bitrate controller moved this client along its ladder
+            self.codec = parse_codec(reply.meta["codec"])
         out, head_seconds = self._read_reply(reply, len(xb))
         end = time.perf_counter()
 

@@ -35,6 +35,7 @@ from edgesplit.errors import (
 from edgesplit.split.bottleneck import param_groups
 from edgesplit.split.defense import Defense
 from edgesplit.train.barrier import Barriers
+from edgesplit.train.controller import BitrateController
 from edgesplit.train.frames import TensorCodec, decode_labels
 from edgesplit.train.probe import compare
 from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame, fp32_frame_size
@@ -114,6 +115,9 @@ class SplitServer:
     defense:
         Privacy defenses (:mod:`edgesplit.split.defense`); the server applies the label-leak
         one to the cut gradients it returns.
+    controller:
+        Adaptive bitrate (:class:`~edgesplit.train.controller.BitrateController`): probes move
+        each client along a ladder of codecs; the reply's meta ``codec`` tells it.
     run_id:
         The training run the segment's weights come from (a checkpoint's ``run_id``); a HELLO
         naming another run is refused.
@@ -138,6 +142,7 @@ class SplitServer:
         limits: FrameLimits = SERVER_LIMITS,
         defense: Defense | None = None,
         run_id: str | None = None,
+        controller: BitrateController | None = None,
     ) -> None:
         self.config = config
         self.segment = segment
@@ -145,6 +150,8 @@ class SplitServer:
             param_groups(segment, lr), lr=lr, momentum=momentum
         )
         self.limits = limits
+        #: Moves each probing client along a ladder of codecs (``serve --ladder --max-drop``).
+        self.controller = controller
         #: The training run whose weights this server holds: a bundle of another run is refused.
         self.run_id = run_id
         #: The label-leak defense perturbs every cut gradient this server returns.
@@ -303,7 +310,11 @@ class SplitServer:
             meta={
                 "config": self.config,
                 "resume_step": last + 1,
-                "codec": self.act_codec.codec.spec,
+                "codec": (
+                    self.controller.codec_for(message.client)
+                    if self.controller
+                    else self.act_codec.codec.spec
+                ),
                 "grad_codec": self.grad_codec.codec.spec,
                 "spec": self.spec,
                 "group": self.group,
@@ -349,7 +360,9 @@ class SplitServer:
             self.steps_applied += 1
         meta = self._count(message.client, len(act), loss, logits, labels)
         if ref is not None:
-            self._probe(message, act.detach(), ref, labels)
+            switch = self._probe(message, act.detach(), ref, labels)
+            if switch is not None:
+                meta["codec"] = switch["to"]  # the client sends with this from its next step
         return Message(
             Kind.GRADIENT,
             message.session,
@@ -679,9 +692,10 @@ class SplitServer:
 
     def _probe(
         self, message: Message, act: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None
-    ) -> None:
+    ) -> dict[str, Any] | None:
         """Compare the decoded batch with the same batch sent at fp32: what compression costs,
-        for this client over the interval since its previous probe."""
+        for this client over the interval since its previous probe. With a bitrate controller,
+        returns the codec switch this probe caused (also logged in the record), else ``None``."""
         with self._cond:
             costs = compare(self.segment, act, ref, labels, logits=self.config != "ushape")
             stats = self.stats[message.client]
@@ -697,10 +711,16 @@ class SplitServer:
                 "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
             }
             stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
+            switch = self.controller.observe(message.client, record) if self.controller else None
+            if switch is not None:
+                record["switch"] = switch
+                log.info("client %s: codec %s -> %s (%s)", message.client, switch["from"],
+                         switch["to"], switch["why"])
             self.probes.append(record)
             self.latest_probe[message.client] = record
         if self.on_probe:
             self.on_probe(record)
+        return switch
 
     def export_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors for ``torch.save``, JSON-able counters): everything a restart needs so that
