@@ -286,7 +286,18 @@ def run_fuzz(inputs: int, seconds: float, seed: int = 0, workers: int = 2,
     torch.set_num_threads(1)
     # The server logs each refusal; at fuzzing rates that is only noise. Faults still count:
     # they end streams with INTERNAL, which the workers see.
-    logging.getLogger("edgesplit").setLevel(logging.CRITICAL)
+    # (restored on the way out: the caller's process keeps its own logging)
+    quiet = logging.getLogger("edgesplit")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return _fuzz(inputs, seconds, seed, workers, reply_timeout, check_every)
+    finally:
+        quiet.setLevel(level)
+
+
+def _fuzz(inputs: int, seconds: float, seed: int, workers: int, reply_timeout: float,
+          check_every: int) -> dict[str, Any]:
     running = start_server()
     address = f"127.0.0.1:{running.port}"
     report = Report()
