@@ -50,8 +50,9 @@ def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -
     g.add_argument(
         "--bottleneck",
         default=None,
-        metavar="D[:BITS]",
+        metavar="D[:BITS[:RATE]]",
         help="learned bottleneck at the cut: D channels at BITS fixed-range bits (default 2), "
+        "RATE weighs a penalty on the codes' entropy after a warm-up (default 0.01; 0: off); "
         "encoder exported in client.onnx, decoder on the server, e.g. 16:2 (default: none)",
     )
     g.add_argument(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgesplit.errors import ProtocolError, TrainingDiverged
-from edgesplit.split.bottleneck import param_groups
+from edgesplit.split.bottleneck import param_groups, rate_loss
 from edgesplit.split.defense import Defense
 from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels
 from edgesplit.train.spec import ClientBytes
@@ -229,7 +229,7 @@ class SplitClient:
         )
         grad = self.grad.decode(reply2.frame("grad"))
         self._count_down_fp32(reply2, "grad", self._reference(act))
-        self.defense.backward(x, act, self._checked(grad, act))
+        self._backward(x, act, self._checked(grad, act))
         self.optimizer.step()
         correct = int((logits.argmax(1) == y).sum())
         return StepResult(float(loss.detach()), correct, len(y))
@@ -243,9 +243,19 @@ class SplitClient:
 
     def _apply(self, x: torch.Tensor, act: torch.Tensor, grad: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        # straight-through: the codec has no gradient (plus NoPeek's term when it is on)
-        self.defense.backward(x, act, self._checked(grad, act))
+        self._backward(x, act, self._checked(grad, act))
         self.optimizer.step()
+
+    def _backward(self, x: torch.Tensor, act: torch.Tensor, grad: torch.Tensor) -> None:
+        """``act.backward(grad)`` — straight-through: the codec has no gradient — plus the
+        client's own loss terms: NoPeek's dCor (a defense) and the bottleneck's rate penalty."""
+        candidates = (self.defense.client_loss(x, act), rate_loss(self.lower))
+        terms = [t for t in candidates if t is not None]
+        if not terms:
+            act.backward(grad)
+            return
+        extra = torch.stack(terms).sum()
+        torch.autograd.backward([act, extra], [grad, torch.ones_like(extra)])
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
