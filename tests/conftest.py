@@ -77,3 +77,45 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
     _leaf(d, "rogue", "other-ca", "extendedKeyUsage=clientAuth\n")
     return d
+
+
+#: A user model with a residual block and a custom forward (not an nn.Sequential): what a user
+#: brings with --model file.py:build (shared by the cut, CLI and export tests).
+RESNET = '''
+import torch
+from torch import nn
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block1 = Block(8)
+        self.block2 = Block(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if x.dim() == 2:   # digits arrive as 64 features
+            x = x.reshape(x.shape[0], 1, 8, 8)
+        x = self.block2(self.block1(torch.relu(self.stem(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+def build(input_shape, num_classes):
+    return TinyResNet(num_classes)
+'''
+
+
+@pytest.fixture(scope="session")
+def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``resnet_tiny.py`` holding :data:`RESNET` (its factory is ``build``)."""
+    path = tmp_path_factory.mktemp("usermodel") / "resnet_tiny.py"
+    path.write_text(RESNET)
+    return path

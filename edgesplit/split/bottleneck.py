@@ -14,7 +14,6 @@ sample before entropy coding, against 512 for the fp32 cut.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -210,7 +209,3 @@ def param_groups(module: nn.Module, lr: float) -> list[dict[str, object]]:
         groups.append({"params": fast, "lr": lr * LR_SCALE})
     return groups
 
-
-def cut_elements(cut_shape: tuple[int, ...], spec: BottleneckSpec) -> int:
-    """Values per sample that cross the cut with the bottleneck in place."""
-    return spec.width * math.prod(cut_shape[1:])

@@ -63,11 +63,6 @@ class TensorCodec:
             limits=limits,
         )
 
-    @property
-    def learns_entropy_model(self) -> bool:
-        value = self.codec.value
-        return isinstance(value, FixedRange) and value.ans
-
     def encode(self, tensor: torch.Tensor, *, fit: bool = False) -> bytes:
         """The frame of ``tensor``; with ``fit``, its codes also count towards the next
         entropy model (training batches only: the model describes the training distribution)."""
