@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub: argparse._SubParsersAction,
-               formatter: type[argparse.HelpFormatter]) -> None:
+def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     from edgesplit.cli.common import add_training_options
 
     p = sub.add_parser(
@@ -23,7 +22,10 @@ def add_parser(sub: argparse._SubParsersAction,
         "Fresh, for split training of trainable clients from scratch:\n"
         "  edgesplit serve --data digits --config vanilla --clients 3 --tokens "
         "tokens.txt\n\n"
-        "Token file: one `name token` per line; the name is the client's identity.",
+        "Token file: one `name token [role=ROLE[,ROLE]] [party=N]` per line; the name is "
+        "the client's identity. ROLE: train (the default: every training and inference "
+        "message), infer (hello, predict, bye only), admin (the Status RPC; `edgesplit status` "
+        "needs it). party=N binds a vertical party index to the token. See docs/security.md.",
     )
     p.add_argument(
         "--from",
@@ -40,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction,
         "--tokens",
         metavar="FILE",
         default=None,
-        help="bearer tokens, one `name token` per line (required unless --no-auth)",
+        help="bearer tokens, one `name token [role=train|infer|admin] [party=N]` per line "
+        "(required unless --no-auth)",
     )
     g.add_argument(
         "--no-auth",
@@ -169,8 +172,11 @@ def run(args: argparse.Namespace) -> int:
     from edgesplit.wire.frame import FrameLimits
 
     set_threads(args)
-    given = [flag for flag, value in (("--codec", args.codec), ("--grad-codec", args.grad_codec))
-             if value]
+    given = [
+        flag
+        for flag, value in (("--codec", args.codec), ("--grad-codec", args.grad_codec))
+        if value
+    ]
     if args.source and given:
         raise ConfigError(
             f"{' and '.join(given)}: only for a fresh server; a server from --from uses the "
@@ -183,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         )
     tokens = read_token_file(args.tokens) if args.tokens else None
     tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
-    tls.load("server")   # bad TLS files are refused before the server is built (or trained)
+    tls.load("server")  # bad TLS files are refused before the server is built (or trained)
     limits = SessionLimits(
         max_sessions=args.max_sessions,
         max_streams_per_client=args.max_streams_per_client,

@@ -5,6 +5,10 @@ the wire) and ``tensors`` (a dict here, an ordered list of ``Tensor{name, frame}
 Everything coming off the wire is checked here so the engine never sees a message whose
 shape is wrong: duplicate tensor names or meta that is not a JSON object are a
 :class:`~edgesplit.errors.ProtocolError`.
+
+An envelope larger than one gRPC message travels as *chunks* (:func:`split_envelope`,
+:class:`ChunkAssembler`): its serialized bytes cut into pieces, each sent as an ``Envelope`` that
+carries only ``chunk``. Envelopes that fit one message are sent whole, as before.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from edgesplit.wire.messages import Message, parse_meta
 
 #: Largest step id the wire can carry (the proto field is a uint64).
 MAX_STEP = 2**64 - 1
+#: Default of :attr:`EnvelopeLimits.max_envelope_bytes` (and of a client's bound on replies).
+DEFAULT_MAX_ENVELOPE_BYTES = 256 * 1024 * 1024
+#: Bytes a chunk carrier adds around its piece: field tags and varints take at most 36; the
+#: rest is margin, so a carrier of a ``max_message_bytes`` split never exceeds that limit.
+CHUNK_OVERHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -35,14 +44,19 @@ class EnvelopeLimits:
         Most tensors in one envelope.
     max_name_bytes:
         Longest ``kind``, ``session``, ``client`` or tensor name.
+    max_envelope_bytes:
+        Largest serialized request envelope, whole or joined from chunks. A chunked request
+        declares its size in its first piece, so an oversized one is refused before its bytes
+        are held.
     """
 
     max_meta_bytes: int = 64 * 1024
     max_tensors: int = 64
     max_name_bytes: int = 256
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("max_meta_bytes", "max_tensors", "max_name_bytes"):
+        for name in ("max_meta_bytes", "max_tensors", "max_name_bytes", "max_envelope_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"envelope limit {name} must be positive, got {getattr(self, name)}"
@@ -66,9 +80,7 @@ def parse_envelope(data: bytes) -> split_pb2.Envelope:
 
 
 def _no_constant(name: str) -> Any:
-    raise ProtocolError(
-        f"message meta contains {name}; meta numbers must be finite JSON numbers"
-    )
+    raise ProtocolError(f"message meta contains {name}; meta numbers must be finite JSON numbers")
 
 
 def _finite_float(text: str) -> float:
@@ -208,9 +220,7 @@ def envelope_to_message(
         # A map would silently keep the last duplicate; refuse instead, since two frames under
         # one name means the sender is confused about what it sent.
         if tensor.name in tensors:
-            raise ProtocolError(
-                f"{envelope.kind} envelope carries tensor {tensor.name!r} twice"
-            )
+            raise ProtocolError(f"{envelope.kind} envelope carries tensor {tensor.name!r} twice")
         tensors[tensor.name] = tensor.frame
     return Message(
         kind=envelope.kind,
@@ -284,3 +294,158 @@ class StreamIds:
 def wire_size(message: Message) -> int:
     """Bytes of ``message``'s serialised envelope (what a byte count reports)."""
     return int(message_to_envelope(message).ByteSize())
+
+
+class ChunkError(ProtocolError):
+    """Chunk carriers that do not join into one envelope: a piece missing, out of order, empty,
+    inconsistent with the first, or mixed with other envelopes."""
+
+
+class EnvelopeTooLarge(ChunkError):
+    """An envelope (whole or declared by its first chunk) over the receiver's byte bound."""
+
+
+def split_envelope(
+    envelope: split_pb2.Envelope, max_message_bytes: int
+) -> list[split_pb2.Envelope]:
+    """``envelope`` as the gRPC messages that carry it: itself when it fits one message of
+    ``max_message_bytes``, else chunk carriers of at most that size each.
+
+    Raises
+    ------
+    ConfigError
+        If ``max_message_bytes`` leaves no room for a piece beside :data:`CHUNK_OVERHEAD`.
+    """
+    size = envelope.ByteSize()
+    if size <= max_message_bytes:
+        return [envelope]
+    piece = max_message_bytes - CHUNK_OVERHEAD
+    if piece <= 0:
+        raise ConfigError(
+            f"max_message_bytes={max_message_bytes} leaves no room for chunks of a {size}-byte "
+            f"envelope; it must exceed {CHUNK_OVERHEAD}"
+        )
+    data = envelope.SerializeToString()
+    count = -(-size // piece)
+    return [
+        split_pb2.Envelope(
+            chunk=split_pb2.Chunk(
+                index=i, count=count, total=size, data=data[i * piece : (i + 1) * piece]
+            )
+        )
+        for i in range(count)
+    ]
+
+
+class ChunkAssembler:
+    """Joins the chunk carriers of one stream into envelopes (one per stream and direction).
+
+    Parameters
+    ----------
+    max_envelope_bytes:
+        Largest joined envelope; a first chunk declaring more is refused before any of its
+        bytes are kept.
+    what:
+        "request" or "reply", for messages.
+    """
+
+    def __init__(self, max_envelope_bytes: int, what: str = "request") -> None:
+        self.max_envelope_bytes = max_envelope_bytes
+        self._what = what
+        self._buffer = bytearray()
+        self._count = 0
+        self._total = 0
+        self._next = 0  # index of the expected piece; 0 when no envelope is half received
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of a half-received chunked envelope held now."""
+        return len(self._buffer)
+
+    def reset(self) -> None:
+        """Drop a half-received envelope (the stream ended)."""
+        self._buffer = bytearray()
+        self._next = self._count = self._total = 0
+
+    def feed(self, envelope: split_pb2.Envelope) -> split_pb2.Envelope | None:
+        """The envelope that ``envelope`` completes: itself when it is whole, the joined
+        envelope after the last chunk, ``None`` while chunks are still to come.
+
+        Raises
+        ------
+        ChunkError
+            A chunk out of order, missing, empty, inconsistent with the first, carrying other
+            fields, or a whole envelope arriving between chunks; or joined bytes that are not
+            an envelope, or are themselves a chunk.
+        EnvelopeTooLarge
+            A first chunk declaring more than ``max_envelope_bytes``.
+        """
+        if not envelope.HasField("chunk"):
+            if self._next:
+                raise ChunkError(
+                    f"a whole {self._what} envelope arrived while chunk {self._next} of "
+                    f"{self._count} was expected; the chunks of one envelope come back to back"
+                )
+            return envelope
+        chunk = envelope.chunk
+        if len(envelope.ListFields()) != 1:
+            others = ", ".join(f.name for f, _ in envelope.ListFields() if f.name != "chunk")
+            raise ChunkError(f"a chunk carrier may set only 'chunk'; this one also sets {others}")
+        if chunk.index != self._next:
+            expected = (
+                f"chunk {self._next} of {self._count}"
+                if self._next
+                else "chunk 0 of a new envelope"
+            )
+            self.reset()
+            raise ChunkError(
+                f"{self._what} chunk {chunk.index} arrived where {expected} was expected; "
+                "chunks must come in order 0..count-1 with none missing"
+            )
+        if chunk.index == 0:
+            self._start(chunk)
+        elif chunk.count != self._count or chunk.total != self._total:
+            raise ChunkError(
+                f"{self._what} chunk {chunk.index} says count={chunk.count} total={chunk.total}; "
+                f"chunk 0 said count={self._count} total={self._total} (they must agree)"
+            )
+        if not chunk.data:
+            raise ChunkError(f"{self._what} chunk {chunk.index} of {self._count} is empty")
+        if len(self._buffer) + len(chunk.data) > self._total:
+            raise ChunkError(
+                f"{self._what} chunks carry more than the {self._total} bytes chunk 0 declared "
+                f"(at chunk {chunk.index} of {self._count})"
+            )
+        self._buffer += chunk.data
+        self._next += 1
+        if self._next < self._count:
+            return None
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self._next = 0
+        if len(data) != self._total:
+            raise ChunkError(
+                f"{self._what} chunks add up to {len(data)} bytes; chunk 0 declared {self._total}"
+            )
+        joined = parse_envelope(data)
+        if joined.HasField("chunk"):
+            raise ChunkError(f"joined {self._what} chunks hold another chunk; chunks do not nest")
+        return joined
+
+    def _start(self, chunk: split_pb2.Chunk) -> None:
+        if chunk.count < 2:
+            raise ChunkError(
+                f"{self._what} chunk 0 says count={chunk.count}; a chunked envelope has at least "
+                "2 pieces (send an envelope that fits one message whole)"
+            )
+        if chunk.total > self.max_envelope_bytes:
+            raise EnvelopeTooLarge(
+                f"chunked {self._what} declares {chunk.total} bytes, over the limit of "
+                f"{self.max_envelope_bytes} bytes (max_envelope_bytes)"
+            )
+        if chunk.count > chunk.total:
+            raise ChunkError(
+                f"{self._what} chunk 0 says count={chunk.count} for total={chunk.total} bytes; "
+                "every piece carries at least one byte"
+            )
+        self._count, self._total = chunk.count, chunk.total
+        self._buffer = bytearray()

@@ -6,10 +6,14 @@ exponential backoff and sends the unanswered request again, with the same sessio
 The server's engine answers a step it already applied from its record, so a resend is never
 applied twice; that deduplication lives in the engine, not here.
 
-Statuses that retrying cannot fix become typed errors at once: ``UNAUTHENTICATED`` ->
-:class:`~edgesplit.errors.TransportError` (check the token), ``INVALID_ARGUMENT`` ->
-:class:`~edgesplit.errors.ProtocolError`, ``RESOURCE_EXHAUSTED`` (message too big) ->
-:class:`~edgesplit.errors.TransportError` naming the limit.
+Statuses that retrying cannot fix become typed errors at once: ``UNAUTHENTICATED`` and
+``PERMISSION_DENIED`` -> :class:`~edgesplit.errors.TransportError` (check the token and its
+role), ``INVALID_ARGUMENT`` -> :class:`~edgesplit.errors.ProtocolError`, ``RESOURCE_EXHAUSTED``
+(message too big) -> :class:`~edgesplit.errors.TransportError` naming the limit.
+
+An envelope larger than ``max_message_bytes`` goes out as chunks and a chunked reply is joined
+(:func:`~edgesplit.transport.envelope.split_envelope`); both are bounded by
+``max_envelope_bytes``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import grpc
 
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport import split_pb2, split_pb2_grpc
-from edgesplit.transport.envelope import StreamIds, envelope_to_message, message_to_envelope
+from edgesplit.transport.envelope import (
+    CHUNK_OVERHEAD,
+    DEFAULT_MAX_ENVELOPE_BYTES,
+    ChunkAssembler,
+    ChunkError,
+    StreamIds,
+    envelope_to_message,
+    message_to_envelope,
+    split_envelope,
+)
 from edgesplit.transport.grpc_server import (
     AUTH_METADATA_KEY,
     CONCURRENCY_LIMIT_TEXT,
@@ -104,8 +117,10 @@ class RetryPolicy:
     @property
     def budget(self) -> float:
         """Seconds all reconnect waits for one request add up to (before jitter)."""
-        return sum(min(self.max_backoff, self.initial_backoff * self.multiplier ** k)
-                   for k in range(self.attempts))
+        return sum(
+            min(self.max_backoff, self.initial_backoff * self.multiplier**k)
+            for k in range(self.attempts)
+        )
 
 
 _END = object()  # request-queue sentinel: half-close the stream
@@ -118,12 +133,19 @@ class _Stream:
     (or the terminating error) into a queue the caller can wait on with a timeout.
     """
 
-    def __init__(self, stub: split_pb2_grpc.SplitStub, metadata: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        stub: split_pb2_grpc.SplitStub,
+        metadata: list[tuple[str, str]],
+        max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+    ) -> None:
         self._requests: queue.Queue[Any] = queue.Queue()
         self.replies: queue.Queue[Any] = queue.Queue()
         self.cancelled_by_us = False
         #: Session and client this stream's first request fixed (later ones leave them out).
         self.ids = StreamIds()
+        #: Joins a chunked reply (a reply over the server's message limit).
+        self.assembler = ChunkAssembler(max_envelope_bytes, "reply")
         self.call = stub.Session(self._request_iter(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="edgesplit-grpc-reader", daemon=True
@@ -175,7 +197,11 @@ class GrpcTransport:
         TLS settings (:class:`~edgesplit.transport.tokens.TlsConfig`): a CA, a client
         certificate or ``system_roots`` switch the channel to TLS. ``None``: plaintext.
     max_message_bytes:
-        Largest serialized envelope sent or accepted. Requests over it fail before sending.
+        Largest gRPC message sent or accepted; set it to the server's. A larger request goes
+        out as chunks of at most this size, and the server chunks its replies the same way.
+    max_envelope_bytes:
+        Largest request envelope sent or reply envelope joined from chunks. A request over it
+        fails before anything is sent.
     retry:
         Reconnect policy for broken connections.
     timeout:
@@ -188,8 +214,10 @@ class GrpcTransport:
         Tensor frame bytes of requests sent and replies received (``Message.tensor_bytes()``),
         counted once per request like the in-process transport; comparable across transports.
     wire_bytes_up, wire_bytes_down:
-        Serialized envelope bytes handed to the stream and read from it. Every send counts,
-        resends and attempts while the server was unreachable included, so this is an upper
+        Serialized envelope bytes handed to the stream and read from it; a chunked envelope
+        counts its chunk carriers as sent (its bytes plus a few of framing per chunk). Every
+        send counts, resends and attempts while the server was unreachable included, so this
+        is an upper
         bound on what crossed; HTTP/2, gRPC (5 bytes a message) and TLS framing are excluded.
     messages, reconnects, resends:
         Completed requests, new connections opened after a break, and extra sends of a request
@@ -209,15 +237,22 @@ class GrpcTransport:
         *,
         tls: TlsConfig | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
         retry: RetryPolicy | None = None,
         timeout: float | None = 300.0,
     ) -> None:
-        if max_message_bytes <= 0:
-            raise ConfigError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        if max_message_bytes <= CHUNK_OVERHEAD:
+            raise ConfigError(
+                f"max_message_bytes must be over {CHUNK_OVERHEAD} (room for a chunk), got "
+                f"{max_message_bytes}"
+            )
+        if max_envelope_bytes <= 0:
+            raise ConfigError(f"max_envelope_bytes must be positive, got {max_envelope_bytes}")
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be positive or None, got {timeout}")
         self.target = check_target(target)
         self.max_message_bytes = max_message_bytes
+        self.max_envelope_bytes = max_envelope_bytes
         self.retry = retry if retry is not None else RetryPolicy()
         self.timeout = timeout
         self._tls = tls.load("client") if tls is not None else None
@@ -241,12 +276,17 @@ class GrpcTransport:
     def _open(self) -> _Stream:
         if self._channel is None:
             self._channel = _make_channel(
-                self.target, self._tls, self._tls_server_name, self.max_message_bytes,
+                self.target,
+                self._tls,
+                self._tls_server_name,
+                self.max_message_bytes,
                 # Our own backoff decides when to try again; grpc's channel backoff (1 s
                 # growing to 120 s by default) would otherwise make fresh attempts fail fast.
                 reconnect_backoff_ms=max(1, int(self.retry.initial_backoff * 1000)),
             )
-        self._stream = _Stream(split_pb2_grpc.SplitStub(self._channel), self._metadata)
+        self._stream = _Stream(
+            split_pb2_grpc.SplitStub(self._channel), self._metadata, self.max_envelope_bytes
+        )
         return self._stream
 
     def _drop(self, *, channel: bool) -> None:
@@ -265,18 +305,20 @@ class GrpcTransport:
         Raises
         ------
         TransportError
-            Server unreachable after the retry budget, token refused, message too large,
-            reply timeout, or the transport is closed.
+            Server unreachable after the retry budget, token refused or not allowed to send
+            this kind (``PERMISSION_DENIED``), envelope too large, reply timeout, or the
+            transport is closed.
         ProtocolError
-            The server ended the stream with ``INVALID_ARGUMENT`` (it could not use the request)
-            or answered with a reply that does not match the request.
+            The server ended the stream with ``INVALID_ARGUMENT`` (it could not use the request),
+            answered with a reply that does not match the request, or sent chunks that do not
+            join (:class:`~edgesplit.transport.envelope.ChunkError`).
         """
         envelope = message_to_envelope(message)
         size = envelope.ByteSize()
-        if size > self.max_message_bytes:
+        if size > self.max_envelope_bytes:
             raise TransportError(
                 f"{message.kind} step {message.step} is {size} bytes serialized, over the "
-                f"message size limit of {self.max_message_bytes} bytes (max_message_bytes); "
+                f"envelope size limit of {self.max_envelope_bytes} bytes (max_envelope_bytes); "
                 "use a stronger codec, a smaller batch, or raise the limit on both sides"
             )
         with self._lock:
@@ -307,27 +349,21 @@ class GrpcTransport:
                 # Start a fresh one; nothing was lost, nothing is resent.
                 ended = self._stream.replies.get_nowait()
                 reason = ended.details() if hasattr(ended, "details") else "closed"
-                log.info("stream to %s ended while idle (%s); opening a new one",
-                         self.target, reason)
+                log.info(
+                    "stream to %s ended while idle (%s); opening a new one", self.target, reason
+                )
                 self._drop(channel=False)
             stream = self._stream if self._stream is not None else self._open()
             # a fresh stream (after a reconnect) gets the ids in full again
             envelope = message_to_envelope(stream.ids.compact(message))
-            stream.send(envelope)
-            self.wire_bytes_up += envelope.ByteSize()
+            for piece in split_envelope(envelope, self.max_message_bytes):
+                stream.send(piece)
+                self.wire_bytes_up += piece.ByteSize()
             if sent_before:
                 self.resends += 1
             sent_before = True
-            try:
-                item = stream.replies.get(timeout=self.timeout)
-            except queue.Empty:
-                self._drop(channel=False)
-                raise TransportError(
-                    f"no reply from {self.target} to {message.kind} step {message.step} within "
-                    f"{self.timeout} s (timeout)"
-                ) from None
+            item = self._reply(stream, message)
             if isinstance(item, split_pb2.Envelope):
-                self.wire_bytes_down += item.ByteSize()
                 return stream.ids.complete(envelope_to_message(item))
             # The stream is over: an RpcError, a clean end without a reply, or a bad reply.
             # Classify before dropping: dropping cancels the call, which must not be mistaken
@@ -349,17 +385,50 @@ class GrpcTransport:
                 log.warning(
                     "stream to %s broke (%s); retrying in %.2f s (up to %d attempts over "
                     "~%.0f s, will resend session %r step %d)",
-                    self.target, reason, delay, self.retry.attempts, self.retry.budget,
-                    message.session, message.step,
+                    self.target,
+                    reason,
+                    delay,
+                    self.retry.attempts,
+                    self.retry.budget,
+                    message.session,
+                    message.step,
                 )
             else:
-                log.info("stream to %s still down (%s); retrying in %.2f s (attempt %d/%d)",
-                         self.target, reason, delay, failures, self.retry.attempts)
+                log.info(
+                    "stream to %s still down (%s); retrying in %.2f s (attempt %d/%d)",
+                    self.target,
+                    reason,
+                    delay,
+                    failures,
+                    self.retry.attempts,
+                )
             time.sleep(delay)
             # A fresh channel, not just a fresh call: the old one may sit in its own
             # reconnect backoff or hold a connection to a server that is gone.
             self._drop(channel=True)
             self.reconnects += 1
+
+    def _reply(self, stream: _Stream, message: Message) -> Any:
+        """The reply envelope (chunks joined), or what ended the stream instead."""
+        while True:
+            try:
+                item = stream.replies.get(timeout=self.timeout)
+            except queue.Empty:
+                self._drop(channel=False)
+                raise TransportError(
+                    f"no reply from {self.target} to {message.kind} step {message.step} within "
+                    f"{self.timeout} s (timeout)"
+                ) from None
+            if not isinstance(item, split_pb2.Envelope):
+                return item
+            self.wire_bytes_down += item.ByteSize()
+            try:
+                whole = stream.assembler.feed(item)
+            except ChunkError:
+                self._drop(channel=False)  # the stream is out of step; start a clean one
+                raise
+            if whole is not None:
+                return whole
 
     def _classify(self, item: Any, message: Message, stream: _Stream) -> str:
         """Raise for a non-retryable end of stream; return a reason string for a retryable one."""
@@ -382,6 +451,11 @@ class GrpcTransport:
             raise TransportError(
                 f"server {self.target} refused the token for client {who!r} "
                 f"(unauthenticated: {details}): check --token"
+            )
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise TransportError(
+                f"server {self.target} does not let client {who!r} send {message.kind} "
+                f"(PERMISSION_DENIED: {details}): use a token whose role allows it"
             )
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise ProtocolError(
@@ -446,9 +520,11 @@ def _auth_metadata(token: str | None) -> list[tuple[str, str]]:
 
 
 def _handshake_failed(target: str, details: str) -> str:
-    return (f"TLS handshake with {target} failed ({details}): check --tls-ca (the CA that signed "
-            "the server's certificate) and the name the certificate was made for "
-            "(--tls-server-name)")
+    return (
+        f"TLS handshake with {target} failed ({details}): check --tls-ca (the CA that signed "
+        "the server's certificate) and the name the certificate was made for "
+        "(--tls-server-name)"
+    )
 
 
 def closed_socket_hint(reason: str, tls: TlsFiles | None) -> str:
@@ -483,14 +559,18 @@ def check_target(target: str) -> str:
     host, sep, port = target.rpartition(":")
     example = f"{host or target or 'localhost'}:50051"
     if not sep or not host or not port:
-        raise ConfigError(f"server address {target!r} has no port: give HOST:PORT, e.g. "
-                          f"{example} (without one gRPC would dial port 443)")
+        raise ConfigError(
+            f"server address {target!r} has no port: give HOST:PORT, e.g. "
+            f"{example} (without one gRPC would dial port 443)"
+        )
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ConfigError(f"server address {target!r}: an IPv6 address needs brackets, e.g. "
-                          "[::1]:50051")
+        raise ConfigError(
+            f"server address {target!r}: an IPv6 address needs brackets, e.g. [::1]:50051"
+        )
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"server address {target!r}: the port must be a number in 1..65535, "
-                          f"e.g. {host}:50051")
+        raise ConfigError(
+            f"server address {target!r}: the port must be a number in 1..65535, e.g. {host}:50051"
+        )
     return target
 
 
@@ -541,8 +621,9 @@ def fetch_status(
     check_target(target)
     files = tls.load("client") if tls is not None else None
     metadata = _auth_metadata(token)
-    channel = _make_channel(target, files, tls.server_name if tls is not None else None,
-                            DEFAULT_MAX_MESSAGE_BYTES)
+    channel = _make_channel(
+        target, files, tls.server_name if tls is not None else None, DEFAULT_MAX_MESSAGE_BYTES
+    )
     try:
         stub = split_pb2_grpc.SplitStub(channel)
         reply = stub.Status(split_pb2.StatusRequest(), metadata=metadata, timeout=timeout)
@@ -552,6 +633,11 @@ def fetch_status(
         if code == grpc.StatusCode.UNAUTHENTICATED:
             raise TransportError(
                 f"server {target} refused the token (unauthenticated: {details}): check --token"
+            ) from None
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise TransportError(
+                f"server {target} does not show its status to this token (PERMISSION_DENIED: "
+                f"{details}): use a token with role=admin"
             ) from None
         if code == grpc.StatusCode.UNAVAILABLE and "handshake failed" in details.lower():
             raise TransportError(_handshake_failed(target, details)) from None

@@ -26,6 +26,7 @@ stream with status ``INVALID_ARGUMENT``; an exception escaping the handler ends 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -42,14 +43,24 @@ from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport import split_pb2
 from edgesplit.transport.base import Handler
 from edgesplit.transport.envelope import (
+    ChunkAssembler,
     EnvelopeLimits,
+    EnvelopeTooLarge,
     StreamIds,
     envelope_to_message,
     message_to_envelope,
     parse_envelope,
+    split_envelope,
 )
-from edgesplit.transport.tokens import TlsConfig, TlsFiles, check_token
-from edgesplit.wire.messages import Kind
+from edgesplit.transport.tokens import (
+    TlsConfig,
+    TlsFiles,
+    TokenGrant,
+    TokenMap,
+    as_grant,
+    check_token,
+)
+from edgesplit.wire.messages import Kind, Message
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +102,18 @@ class SessionLimits:
     idle_timeout:
         Seconds a stream may wait for its client's next request before the server closes it.
     envelope:
-        Per-request limits (meta bytes, tensors, name lengths).
+        Per-request limits (meta bytes, tensors, name lengths, joined envelope bytes).
+    max_assembly_bytes:
+        Bytes of partly received chunked requests all streams together may hold; a chunk
+        beyond it ends its stream with ``RESOURCE_EXHAUSTED`` "Concurrent RPC limit exceeded"
+        (clients retry with backoff).
     """
 
     max_sessions: int = 1024
     max_streams_per_client: int = 8
     idle_timeout: float = 300.0
     envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
+    max_assembly_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_sessions <= 0 or self.max_streams_per_client <= 0:
@@ -105,6 +121,8 @@ class SessionLimits:
                 "max_sessions and max_streams_per_client must be positive, got "
                 f"{self.max_sessions} and {self.max_streams_per_client}"
             )
+        if self.max_assembly_bytes <= 0:
+            raise ConfigError(f"max_assembly_bytes must be positive, got {self.max_assembly_bytes}")
         if not self.idle_timeout > 0:
             raise ConfigError(f"idle_timeout must be positive seconds, got {self.idle_timeout}")
 
@@ -122,27 +140,40 @@ def _bearer_token(metadata: Any) -> str | None:
 
 
 class TokenTable:
-    """Who a bearer token belongs to (checked on every call).
+    """Who a bearer token belongs to and what it may do (checked on every call).
 
     Parameters
     ----------
     tokens:
-        Client name -> token. Tokens must be unique (else two clients could not be told apart).
+        Client name -> :class:`~edgesplit.transport.tokens.TokenGrant`, or -> a bare token
+        string (a training client, as a ``name token`` line). Tokens must be unique (else two
+        clients could not be told apart).
     """
 
-    def __init__(self, tokens: dict[str, str]) -> None:
+    def __init__(self, tokens: TokenMap) -> None:
         if not tokens:
             raise ConfigError("token authentication needs at least one 'name token' entry")
         owners: dict[str, str] = {}
-        for name, token in tokens.items():
-            check_token(token, where=f"token of client {name!r}")
-            if token in owners:
+        self._grants: dict[str, TokenGrant] = {}
+        for name, value in tokens.items():
+            grant = as_grant(value)
+            check_token(grant.token, where=f"token of client {name!r}")
+            if grant.token in owners:
                 raise ConfigError(
-                    f"clients {owners[token]!r} and {name!r} share a token; "
+                    f"clients {owners[grant.token]!r} and {name!r} share a token; "
                     "every client needs its own"
                 )
-            owners[token] = name
+            owners[grant.token] = name
+            self._grants[name] = grant
         self._tokens = [(token.encode(), name) for token, name in owners.items()]
+        #: Party indices some token is bound to: no other token may claim them.
+        self.bound_parties = frozenset(
+            g.party for g in self._grants.values() if g.party is not None
+        )
+
+    def grant(self, client: str) -> TokenGrant:
+        """What ``client`` (a name from :meth:`client_for`) may do."""
+        return self._grants[client]
 
     def client_for(self, token: str | None) -> str | None:
         """The client name that owns ``token``, or ``None``."""
@@ -166,6 +197,43 @@ class TokenTable:
         if client is None:
             return None, "unknown bearer token"
         return client, None
+
+    def refusal(self, client: str, message: Message) -> str | None:
+        """Why ``client`` may not send ``message``, or ``None``; fills in a bound party.
+
+        Checked before the handler sees the message: the role must allow its kind, and a token
+        bound to a party speaks only for that party (``meta.party`` is set to it when absent).
+        A party bound to some token cannot be claimed by a token bound to none.
+        """
+        grant = self._grants[client]
+        if not grant.may_send(message.kind):
+            return (
+                f"token of client {client!r} has role {grant.role_text}: it may send "
+                f"{grant.allowed_text()}, not {message.kind[:40]!r} (roles are set in the "
+                "server's token file)"
+            )
+        claimed = message.meta.get("party")
+        if grant.party is not None:
+            if claimed is None:
+                message.meta["party"] = grant.party
+            elif type(claimed) is not int or claimed != grant.party:
+                return (
+                    f"token of client {client!r} is bound to party {grant.party}; its "
+                    f"{message.kind[:40]} message claims party {str(claimed)[:20]!r}"
+                )
+        elif claimed is not None and self.bound_parties:
+            # The engine reads int(meta["party"]): 1.0, "1" or true would reach party 1 too.
+            if type(claimed) is not int:
+                return (
+                    f"{message.kind[:40]} message of client {client!r} claims party "
+                    f"{str(claimed)[:20]!r}; meta party must be an integer"
+                )
+            if claimed in self.bound_parties:
+                return (
+                    f"party {claimed} is bound to another client's token; client {client!r} "
+                    "has no party= in the server's token file and may not speak for it"
+                )
+        return None
 
 
 class _Admission:
@@ -203,6 +271,14 @@ class _Admission:
         self.total -= 1
 
 
+#: A stream may name at most this many sessions (the shipped clients name one): the servicer
+#: remembers each to release it when the stream closes.
+MAX_SESSIONS_PER_STREAM = 64
+
+#: Called once per (client, session) a closed stream carried; see :func:`serve_handler`.
+StreamClosed = Callable[[str | None, str | None], None]
+
+
 class SplitServicer:
     """Runs ``handler`` on each request of a ``Session`` stream; serves ``Status``.
 
@@ -213,11 +289,16 @@ class SplitServicer:
     status:
         Builds the ``Status`` table; run on ``status_pool`` so sessions never delay it.
     tokens:
-        ``None``: no authentication.
+        ``None``: no authentication (and no roles).
     limits:
         Session caps and per-request limits.
     compute, status_pool:
         Thread pools for the two kinds of work.
+    max_message_bytes:
+        Largest gRPC message sent: a bigger reply goes out as chunks.
+    on_stream_closed:
+        Told ``(client, session)`` for each session a stream carried once the stream is over
+        (end of stream, abort, idle timeout, cancellation); run on ``compute``.
     """
 
     def __init__(
@@ -228,6 +309,8 @@ class SplitServicer:
         limits: SessionLimits,
         compute: futures.ThreadPoolExecutor,
         status_pool: futures.ThreadPoolExecutor,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_stream_closed: StreamClosed | None = None,
     ) -> None:
         self._handler = handler
         self._status = status
@@ -235,7 +318,11 @@ class SplitServicer:
         self._limits = limits
         self._compute = compute
         self._status_pool = status_pool
+        self._max_message_bytes = max_message_bytes
+        self._on_stream_closed = on_stream_closed
         self._admission = _Admission(limits)
+        #: Bytes of half-received chunked requests held by all streams (event loop only).
+        self.assembling = 0
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """The method table to register on a server."""
@@ -274,45 +361,126 @@ class SplitServicer:
         if refusal is not None:
             log.warning("refused a session of %r (%s): %s", client, context.peer(), refusal)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        carried: set[tuple[str | None, str]] = set()
+        assembler = ChunkAssembler(self._limits.envelope.max_envelope_bytes)
         try:
-            await self._serve_stream(client, context)
+            await self._serve_stream(client, context, carried, assembler)
         finally:
             self._admission.leave(client)
+            self.assembling -= assembler.pending_bytes
+            assembler.reset()
+            self._stream_closed(carried)
 
-    async def _serve_stream(self, client: str | None, context: grpc.aio.ServicerContext) -> None:
-        loop = asyncio.get_running_loop()
-        peer = context.peer()
+    def _stream_closed(self, carried: set[tuple[str | None, str]]) -> None:
+        """Tell ``on_stream_closed`` about each session the stream carried, off the loop."""
+        if self._on_stream_closed is None:
+            return
+        callback = self._on_stream_closed
+        for client, session in sorted(carried, key=lambda pair: (pair[0] or "", pair[1])):
+            try:
+                future = self._compute.submit(callback, client, session)
+            except RuntimeError:  # the server is shutting down: its pools take no more work
+                log.info("not releasing session %r of %r: server shutting down", session, client)
+                return
+            future.add_done_callback(functools.partial(_log_close_failure, client, session))
+
+    async def _next_request(
+        self, client: str | None, context: grpc.aio.ServicerContext, assembler: ChunkAssembler
+    ) -> split_pb2.Envelope | None:
+        """The next whole request envelope (chunks joined), ``None`` at the end of the stream."""
         idle = self._limits.idle_timeout
-        ids = StreamIds()  # the session and client this stream's first request named
+        limits = self._limits.envelope
         while True:
             try:
                 data = await asyncio.wait_for(context.read(), idle)
             except asyncio.TimeoutError:
-                log.info("closing the idle session of %r (%s) after %.0f s", client, peer, idle)
+                log.info(
+                    "closing the idle session of %r (%s) after %.0f s", client, context.peer(), idle
+                )
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     f"session idle for more than {idle:g} s (idle_timeout): closed by the "
                     "server; reconnect to go on",
                 )
             if data is grpc.aio.EOF:
+                return None
+            if len(data) > limits.max_envelope_bytes:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"request of {len(data)} bytes is larger than max ({len(data)} vs. "
+                    f"{limits.max_envelope_bytes}) (max_envelope_bytes)",
+                )
+            try:
+                carrier = parse_envelope(data)
+                if carrier.HasField("chunk"):
+                    held = self.assembling + len(carrier.chunk.data)
+                    if held > self._limits.max_assembly_bytes:
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{CONCURRENCY_LIMIT_TEXT}: the server holds {self.assembling} bytes "
+                            "of partly received chunked requests, its limit (max_assembly_bytes="
+                            f"{self._limits.max_assembly_bytes}); try again later",
+                        )
+                before = assembler.pending_bytes
+                try:
+                    whole = assembler.feed(carrier)
+                finally:
+                    self.assembling += assembler.pending_bytes - before
+            except EnvelopeTooLarge as exc:
+                log.warning("stream from %r (%s): %s", client, context.peer(), exc)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except ProtocolError as exc:
+                log.warning("stream from %r (%s): bad envelope: %s", client, context.peer(), exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if whole is not None:
+                return whole
+
+    async def _serve_stream(
+        self,
+        client: str | None,
+        context: grpc.aio.ServicerContext,
+        carried: set[tuple[str | None, str]],
+        assembler: ChunkAssembler,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        ids = StreamIds()  # the session and client this stream's first request named
+        while True:
+            envelope = await self._next_request(client, context, assembler)
+            if envelope is None:
                 return
             try:
-                message = ids.complete(
-                    envelope_to_message(parse_envelope(data), self._limits.envelope)
-                )
+                message = ids.complete(envelope_to_message(envelope, self._limits.envelope))
             except ProtocolError as exc:
-                log.warning("stream from %r (%s): bad envelope: %s", client, peer, exc)
+                log.warning("stream from %r (%s): bad envelope: %s", client, context.peer(), exc)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if client is not None:
-                # The token, not the message, says who is speaking.
+            if client is not None and self._tokens is not None:
+                # The token, not the message, says who is speaking and what it may do.
                 message.client = client
+                denied = self._tokens.refusal(client, message)
+                if denied is not None:
+                    log.warning(
+                        "stream from %r (%s): permission denied: %s", client, context.peer(), denied
+                    )
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
+            if message.session:
+                pair = (message.client or None, message.session)
+                if pair not in carried and len(carried) >= MAX_SESSIONS_PER_STREAM:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"stream already carried {len(carried)} sessions; one stream may carry "
+                        f"at most {MAX_SESSIONS_PER_STREAM} (open a new stream per session)",
+                    )
+                carried.add(pair)
             try:
                 reply = await loop.run_in_executor(self._compute, self._handler, message)
             except Exception:
                 log.exception(
                     "handler failed on %s step %d of session %r from client %r; "
                     "ending that stream only",
-                    message.kind, message.step, message.session, message.client,
+                    message.kind,
+                    message.step,
+                    message.session,
+                    message.client,
                 )
                 await context.abort(
                     grpc.StatusCode.INTERNAL,
@@ -323,20 +491,35 @@ class SplitServicer:
                 text = str(reply.meta.get("message", "invalid request"))
                 log.warning(
                     "client %r session %r step %d: invalid argument: %s",
-                    message.client, message.session, message.step, text,
+                    message.client,
+                    message.session,
+                    message.step,
+                    text,
                 )
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, text)
             try:
-                out = message_to_envelope(ids.compact(reply))
+                pieces = split_envelope(
+                    message_to_envelope(ids.compact(reply)), self._max_message_bytes
+                )
             except ProtocolError as exc:
                 log.error("handler produced an unsendable reply: %s", exc)
                 await context.abort(grpc.StatusCode.INTERNAL, f"server produced a bad reply: {exc}")
-            await context.write(out)
+            for piece in pieces:
+                await context.write(piece)
 
     async def Status(  # noqa: N802 - the name is fixed by split.proto
         self, request: split_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> split_pb2.StatusReply:
-        await self._authenticate(context, "Status")
+        client = await self._authenticate(context, "Status")
+        if client is not None and self._tokens is not None:
+            grant = self._tokens.grant(client)
+            if not grant.may_read_status:
+                text = (
+                    f"token of client {client!r} has role {grant.role_text}; Status needs role "
+                    "admin (add role=admin to a token's line in the server's token file)"
+                )
+                log.warning("refused Status from %s: %s", context.peer(), text)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, text)
         loop = asyncio.get_running_loop()
         try:
             table = (
@@ -349,6 +532,15 @@ class SplitServicer:
             log.exception("status callback failed")
             await context.abort(grpc.StatusCode.INTERNAL, "server failed to build its status")
         return split_pb2.StatusReply(status_json=text)
+
+
+def _log_close_failure(
+    client: str | None, session: str | None, future: futures.Future[None]
+) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error(
+            "releasing session %r of client %r failed", session, client, exc_info=future.exception()
+        )
 
 
 class _EventLoopThread:
@@ -432,12 +624,13 @@ def serve_handler(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    tokens: dict[str, str] | None = None,
+    tokens: TokenMap | None = None,
     tls: TlsConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     status: Callable[[], dict[str, Any]] | None = None,
     max_workers: int = 16,
     limits: SessionLimits | None = None,
+    on_stream_closed: StreamClosed | None = None,
 ) -> RunningServer:
     """Start a gRPC server that answers ``Session`` streams with ``handler``.
 
@@ -450,15 +643,22 @@ def serve_handler(
         Where to listen. ``port=0`` picks a free port; read it from ``RunningServer.port``.
         A port another process (or server) already listens on is refused.
     tokens:
-        Client name -> bearer token. ``None`` turns authentication off (local tests only; a
-        warning is logged unless ``host`` is a loopback address).
+        Client name -> :class:`~edgesplit.transport.tokens.TokenGrant` (token, roles, party;
+        what :func:`~edgesplit.transport.tokens.read_token_file` returns) or -> a bare token
+        string, which is a training client (``role=train``). With tokens, ``Status`` and
+        ``status`` messages need ``role=admin``, an infer-only token may send only ``hello``,
+        ``predict`` and ``bye``, and a party-bound token only its own party; anything else
+        ends the stream with ``PERMISSION_DENIED`` before ``handler`` sees it. ``None`` turns
+        authentication and roles off (local tests only; a warning is logged unless ``host``
+        is a loopback address).
     tls:
         TLS settings (:class:`~edgesplit.transport.tokens.TlsConfig`): ``cert`` and ``key``
         turn TLS on, ``ca`` (client certificates must chain to it) mutual TLS. ``None``:
         plaintext.
     max_message_bytes:
-        Largest serialized envelope accepted or sent. Larger requests end their stream with
-        ``RESOURCE_EXHAUSTED``.
+        Largest gRPC message accepted or sent. An envelope larger than this travels as chunks
+        (both ways); a single message over it ends its stream with ``RESOURCE_EXHAUSTED``.
+        Joined envelopes are bounded by ``limits.envelope.max_envelope_bytes``.
     status:
         Returns the JSON-serialisable status table served by the ``Status`` RPC.
     max_workers:
@@ -468,6 +668,14 @@ def serve_handler(
     limits:
         Session caps (total, per client, idle timeout) and per-request limits; defaults of
         :class:`SessionLimits`.
+    on_stream_closed:
+        Called as ``on_stream_closed(client, session)`` on a compute thread once a ``Session``
+        stream is over (the client half-closed, the server aborted it, the idle timeout, a
+        cancellation or a broken connection), once for each session a request on that stream
+        named and the handler was given; ``client`` is the token's name (the request's
+        ``client`` without tokens, ``None`` when empty). Use it to release per-session memory.
+        A client that reconnects may already be on a new stream of the same session when this
+        runs, so release caches, not what a resent step needs. Exceptions are logged.
 
     Returns
     -------
@@ -491,9 +699,7 @@ def serve_handler(
     tls_files = (tls.load("server") if tls is not None else None) or TlsFiles()
     table = TokenTable(tokens) if tokens is not None else None
     if table is None and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-        log.warning(
-            "serving on %s without client tokens: anyone who can reach it can train", host
-        )
+        log.warning("serving on %s without client tokens: anyone who can reach it can train", host)
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -502,7 +708,9 @@ def serve_handler(
     ]
     compute = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="edgesplit-handler")
     status_pool = futures.ThreadPoolExecutor(2, thread_name_prefix="edgesplit-status")
-    servicer = SplitServicer(handler, status, table, limits, compute, status_pool)
+    servicer = SplitServicer(
+        handler, status, table, limits, compute, status_pool, max_message_bytes, on_stream_closed
+    )
     address = _join_host_port(host, port)
     loop = _EventLoopThread()
 
@@ -542,10 +750,19 @@ def serve_handler(
         )
     log.info(
         "serving on %s (tls=%s, mtls=%s, tokens=%s, max message %d bytes, %s)",
-        _join_host_port(host, bound), tls_files.cert is not None, tls_files.ca is not None,
-        "on" if table is not None else "off", max_message_bytes, limits,
+        _join_host_port(host, bound),
+        tls_files.cert is not None,
+        tls_files.ca is not None,
+        "on" if table is not None else "off",
+        max_message_bytes,
+        limits,
     )
     return RunningServer(
-        server=server, host=host, port=bound, tls=tls_files.cert is not None,
-        authenticated=table is not None, _loop=loop, _pools=(compute, status_pool),
+        server=server,
+        host=host,
+        port=bound,
+        tls=tls_files.cert is not None,
+        authenticated=table is not None,
+        _loop=loop,
+        _pools=(compute, status_pool),
     )

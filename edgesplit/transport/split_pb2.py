@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64gesplit/transport/split.proto\x12\x0c\x65\x64gesplit.v1\"%\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\"\x81\x01\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06\x63lient\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12%\n\x07tensors\x18\x05 \x03(\x0b\x32\x14.edgesplit.v1.Tensor\x12\x11\n\tmeta_json\x18\x06 \x01(\t\"\x0f\n\rStatusRequest\"\"\n\x0bStatusReply\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t2\x88\x01\n\x05Split\x12=\n\x07Session\x12\x16.edgesplit.v1.Envelope\x1a\x16.edgesplit.v1.Envelope(\x01\x30\x01\x12@\n\x06Status\x12\x1b.edgesplit.v1.StatusRequest\x1a\x19.edgesplit.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64gesplit/transport/split.proto\x12\x0c\x65\x64gesplit.v1\"%\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\"\xa5\x01\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06\x63lient\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12%\n\x07tensors\x18\x05 \x03(\x0b\x32\x14.edgesplit.v1.Tensor\x12\x11\n\tmeta_json\x18\x06 \x01(\t\x12\"\n\x05\x63hunk\x18\x07 \x01(\x0b\x32\x13.edgesplit.v1.Chunk\"B\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x0f\n\rStatusRequest\"\"\n\x0bStatusReply\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t2\x88\x01\n\x05Split\x12=\n\x07Session\x12\x16.edgesplit.v1.Envelope\x1a\x16.edgesplit.v1.Envelope(\x01\x30\x01\x12@\n\x06Status\x12\x1b.edgesplit.v1.StatusRequest\x1a\x19.edgesplit.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=49
   _globals['_TENSOR']._serialized_end=86
   _globals['_ENVELOPE']._serialized_start=89
-  _globals['_ENVELOPE']._serialized_end=218
-  _globals['_STATUSREQUEST']._serialized_start=220
-  _globals['_STATUSREQUEST']._serialized_end=235
-  _globals['_STATUSREPLY']._serialized_start=237
-  _globals['_STATUSREPLY']._serialized_end=271
-  _globals['_SPLIT']._serialized_start=274
-  _globals['_SPLIT']._serialized_end=410
+  _globals['_ENVELOPE']._serialized_end=254
+  _globals['_CHUNK']._serialized_start=256
+  _globals['_CHUNK']._serialized_end=322
+  _globals['_STATUSREQUEST']._serialized_start=324
+  _globals['_STATUSREQUEST']._serialized_end=339
+  _globals['_STATUSREPLY']._serialized_start=341
+  _globals['_STATUSREPLY']._serialized_end=375
+  _globals['_SPLIT']._serialized_start=378
+  _globals['_SPLIT']._serialized_end=514
 # @@protoc_insertion_point(module_scope)

@@ -15,20 +15,34 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., frame: _Optional[bytes] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("kind", "session", "client", "step", "tensors", "meta_json")
+    __slots__ = ("kind", "session", "client", "step", "tensors", "meta_json", "chunk")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     META_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     kind: str
     session: str
     client: str
     step: int
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     meta_json: str
-    def __init__(self, kind: _Optional[str] = ..., session: _Optional[str] = ..., client: _Optional[str] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., meta_json: _Optional[str] = ...) -> None: ...
+    chunk: Chunk
+    def __init__(self, kind: _Optional[str] = ..., session: _Optional[str] = ..., client: _Optional[str] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., meta_json: _Optional[str] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("index", "count", "total", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    total: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., total: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

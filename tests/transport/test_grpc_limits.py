@@ -19,9 +19,12 @@ from edgesplit.transport import split_pb2
 from edgesplit.transport.envelope import EnvelopeLimits
 from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy, fetch_status
 from edgesplit.transport.grpc_server import RunningServer, SessionLimits, serve_handler
+from edgesplit.transport.tokens import Role, TokenGrant
 from edgesplit.wire.messages import Kind, Message
 
 TOKENS = {"mallory": "tok-mallory-0123456789", "alice": "tok-alice-0123456789ab"}
+# What the server holds: 'alice' also reads Status (role=admin), the others only train.
+SERVED = {**TOKENS, "alice": TokenGrant(TOKENS["alice"], frozenset({Role.TRAIN, Role.ADMIN}))}
 SESSION = "/edgesplit.v1.Split/Session"
 
 
@@ -68,7 +71,7 @@ def envelope(step: int = 1, meta_json: str = "", n_tensors: int = 0) -> bytes:
 
 @pytest.fixture
 def server() -> Iterator[RunningServer]:
-    srv = serve_handler(echo, "127.0.0.1", 0, tokens=TOKENS, max_workers=2,
+    srv = serve_handler(echo, "127.0.0.1", 0, tokens=SERVED, max_workers=2,
                         status=lambda: {"alive": True},
                         limits=SessionLimits(max_streams_per_client=3, idle_timeout=30))
     yield srv
@@ -97,7 +100,8 @@ def test_idle_streams_of_one_client_lock_nobody_out(server: RunningServer) -> No
                 for step in (1, 2, 3):
                     assert alice.request(Message(Kind.FORWARD, "a", "", step)).step == step
             assert fetch_status(target, TOKENS["alice"]) == {"alive": True}
-            assert fetch_status(target, TOKENS["mallory"]) == {"alive": True}
+            with pytest.raises(TransportError, match="PERMISSION_DENIED.*role train"):
+                fetch_status(target, TOKENS["mallory"])  # a training token does not read it
             assert time.monotonic() - t0 < 5
             # The cap is on open streams: closing one lets mallory open another.
             held.pop().close()
@@ -111,7 +115,7 @@ def test_idle_streams_of_one_client_lock_nobody_out(server: RunningServer) -> No
 
 
 def test_over_the_cap_client_gets_a_clear_error_after_its_retries() -> None:
-    srv = serve_handler(echo, "127.0.0.1", 0, tokens=TOKENS,
+    srv = serve_handler(echo, "127.0.0.1", 0, tokens=SERVED,
                         limits=SessionLimits(max_streams_per_client=1))
     try:
         target = f"127.0.0.1:{srv.port}"
@@ -126,7 +130,7 @@ def test_over_the_cap_client_gets_a_clear_error_after_its_retries() -> None:
 
 
 def test_idle_stream_is_closed_and_a_real_client_carries_on() -> None:
-    srv = serve_handler(echo, "127.0.0.1", 0, tokens=TOKENS,
+    srv = serve_handler(echo, "127.0.0.1", 0, tokens=SERVED,
                         limits=SessionLimits(idle_timeout=0.3))
     try:
         target = f"127.0.0.1:{srv.port}"
@@ -150,7 +154,7 @@ def test_idle_stream_is_closed_and_a_real_client_carries_on() -> None:
 def test_second_server_on_a_busy_port_is_refused(server: RunningServer) -> None:
     with pytest.raises(TransportError, match=f"cannot listen on 127.0.0.1:{server.port}: the "
                        "port is in use"):
-        serve_handler(echo, "127.0.0.1", server.port, tokens=TOKENS)
+        serve_handler(echo, "127.0.0.1", server.port, tokens=SERVED)
     # The first one still answers alone.
     with GrpcTransport(f"127.0.0.1:{server.port}", TOKENS["alice"], timeout=5) as t:
         assert t.request(Message(Kind.FORWARD, "a", "", 1)).step == 1
@@ -162,7 +166,7 @@ def test_port_held_by_another_program_is_refused() -> None:
         other.listen()
         port = other.getsockname()[1]
         with pytest.raises(TransportError, match="in use"):
-            serve_handler(echo, "127.0.0.1", port, tokens=TOKENS)
+            serve_handler(echo, "127.0.0.1", port, tokens=SERVED)
 
 
 BAD_REQUESTS = {
@@ -196,7 +200,7 @@ def test_bad_envelopes_are_invalid_argument(server: RunningServer, name: str) ->
 
 
 def test_limits_that_pass_and_the_ones_that_are_configurable() -> None:
-    srv = serve_handler(echo, "127.0.0.1", 0, tokens=TOKENS,
+    srv = serve_handler(echo, "127.0.0.1", 0, tokens=SERVED,
                         limits=SessionLimits(envelope=EnvelopeLimits(max_meta_bytes=100)))
     try:
         with GrpcTransport(f"127.0.0.1:{srv.port}", TOKENS["alice"], timeout=5) as t:
@@ -215,7 +219,7 @@ def test_status_is_answered_while_every_compute_thread_is_busy() -> None:
         release.wait(10)
         return echo(message)
 
-    srv = serve_handler(slow, "127.0.0.1", 0, tokens=TOKENS, max_workers=1,
+    srv = serve_handler(slow, "127.0.0.1", 0, tokens=SERVED, max_workers=1,
                         status=lambda: {"alive": True})
     target = f"127.0.0.1:{srv.port}"
     clients = [GrpcTransport(target, TOKENS[n], timeout=15) for n in ("alice", "mallory")]

@@ -11,10 +11,12 @@ import pytest
 from edgesplit.errors import ConfigError, TransportError
 from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy, fetch_status
 from edgesplit.transport.grpc_server import RunningServer, serve_handler
-from edgesplit.transport.tokens import TlsConfig
+from edgesplit.transport.tokens import Role, TlsConfig, TokenGrant
 from edgesplit.wire.messages import Kind, Message
 
 TOKENS = {"edge-1": "tls-token-0123456789"}
+# What the server holds: 'edge-1' also reads Status (role=admin), the others only train.
+SERVED = {**TOKENS, "edge-1": TokenGrant(TOKENS["edge-1"], frozenset({Role.TRAIN, Role.ADMIN}))}
 NO_RETRY = RetryPolicy(attempts=0)
 
 
@@ -25,7 +27,7 @@ def echo(message: Message) -> Message:
 
 @pytest.fixture
 def tls_server(pki: Path) -> Iterator[RunningServer]:
-    srv = serve_handler(echo, "127.0.0.1", 0, tokens=TOKENS,
+    srv = serve_handler(echo, "127.0.0.1", 0, tokens=SERVED,
                         tls=TlsConfig(cert=pki / "server.pem", key=pki / "server.key"))
     yield srv
     srv.stop(None)
@@ -33,7 +35,7 @@ def tls_server(pki: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def mtls_server(pki: Path) -> Iterator[RunningServer]:
-    srv = serve_handler(echo, "127.0.0.1", 0, tokens=TOKENS, tls=TlsConfig(
+    srv = serve_handler(echo, "127.0.0.1", 0, tokens=SERVED, tls=TlsConfig(
         cert=pki / "server.pem", key=pki / "server.key", ca=pki / "ca.pem"))
     yield srv
     srv.stop(None)

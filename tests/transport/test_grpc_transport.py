@@ -17,9 +17,12 @@ import pytest
 from edgesplit.errors import ProtocolError, TransportError
 from edgesplit.transport.grpc_client import GrpcTransport, RetryPolicy, fetch_status
 from edgesplit.transport.grpc_server import RunningServer, SessionLimits, serve_handler
+from edgesplit.transport.tokens import Role, TokenGrant
 from edgesplit.wire.messages import Kind, Message, error_message
 
 TOKENS = {"alice": "tok-alice-0123456789", "bob": "tok-bob-0123456789ab"}
+# What the server holds: 'bob' also reads Status (role=admin), the others only train.
+SERVED = {**TOKENS, "bob": TokenGrant(TOKENS["bob"], frozenset({Role.TRAIN, Role.ADMIN}))}
 FAST_RETRY = RetryPolicy(attempts=8, initial_backoff=0.05, max_backoff=0.4, jitter=0.1)
 
 
@@ -45,7 +48,7 @@ def sum_handler(message: Message) -> Message:
 @pytest.fixture
 def server() -> Iterator[RunningServer]:
     srv = serve_handler(
-        sum_handler, "127.0.0.1", 0, tokens=TOKENS,
+        sum_handler, "127.0.0.1", 0, tokens=SERVED,
         status=lambda: {"clients": sorted(TOKENS), "steps": 3},
     )
     yield srv
@@ -162,7 +165,7 @@ def test_server_restart_resends_unanswered_step(caplog: pytest.LogCaptureFixture
         second_seen.append((message.session, message.client, message.step))
         return sum_handler(message)
 
-    srv1 = serve_handler(first, "127.0.0.1", 0, tokens=TOKENS)
+    srv1 = serve_handler(first, "127.0.0.1", 0, tokens=SERVED)
     port = srv1.port
     srv2: RunningServer | None = None
     result: dict[str, object] = {}
@@ -182,7 +185,7 @@ def test_server_restart_resends_unanswered_step(caplog: pytest.LogCaptureFixture
             assert entered.wait(5)
             srv1.stop(None)
             time.sleep(0.3)  # down for a while: the client must back off and try again
-            srv2 = serve_handler(second, "127.0.0.1", port, tokens=TOKENS)
+            srv2 = serve_handler(second, "127.0.0.1", port, tokens=SERVED)
             caller.join(15)
         assert "error" not in result, result.get("error")
         reply = result["reply"]
@@ -204,7 +207,7 @@ def test_server_restart_resends_unanswered_step(caplog: pytest.LogCaptureFixture
 
 
 def test_unreachable_server_gives_up_after_budget(caplog: pytest.LogCaptureFixture) -> None:
-    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=TOKENS)
+    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=SERVED)
     port = srv.port
     srv.stop(None)
     policy = RetryPolicy(attempts=2, initial_backoff=0.02, max_backoff=0.05)
@@ -226,8 +229,9 @@ def test_retry_budget_adds_the_capped_backoffs() -> None:
 
 
 def test_message_over_client_limit_fails_before_sending(server: RunningServer) -> None:
-    with connect(server, max_message_bytes=1024) as t:
-        with pytest.raises(TransportError, match="1024 bytes"):
+    # over max_message_bytes a request goes as chunks; over max_envelope_bytes it is refused
+    with connect(server, max_envelope_bytes=1024) as t:
+        with pytest.raises(TransportError, match="1024 bytes.*max_envelope_bytes"):
             t.request(forward(1, np.ones(400), np.ones(400)))
         # nothing was sent, the stream is fine
         assert t.request(forward(2, np.ones(4), np.ones(4))).step == 2
@@ -235,7 +239,7 @@ def test_message_over_client_limit_fails_before_sending(server: RunningServer) -
 
 
 def test_message_over_server_limit_is_resource_exhausted() -> None:
-    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=TOKENS, max_message_bytes=4096)
+    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=SERVED, max_message_bytes=4096)
     try:
         with connect(srv) as t:
             with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED") as info:
@@ -252,7 +256,7 @@ def test_reply_over_client_limit_is_resource_exhausted() -> None:
         return Message(Kind.GRADIENT, message.session, message.client, message.step,
                        {"grad": bytes(100_000)})
 
-    srv = serve_handler(big, "127.0.0.1", 0, tokens=TOKENS)
+    srv = serve_handler(big, "127.0.0.1", 0, tokens=SERVED)
     try:
         with connect(srv, max_message_bytes=8192) as t, pytest.raises(TransportError) as info:
             t.request(Message(Kind.FORWARD, "s", "", 1, {"a": b"x"}))
@@ -268,7 +272,7 @@ def test_reply_timeout() -> None:
         release.wait(5)
         return sum_handler(message)
 
-    srv = serve_handler(slow, "127.0.0.1", 0, tokens=TOKENS)
+    srv = serve_handler(slow, "127.0.0.1", 0, tokens=SERVED)
     try:
         with connect(srv, timeout=0.3) as t, pytest.raises(TransportError, match="timeout"):
             t.request(forward(1, np.ones(2), np.ones(2)))
@@ -281,7 +285,7 @@ def test_reply_for_another_step_is_a_protocol_error() -> None:
     def wrong_step(message: Message) -> Message:
         return Message(Kind.ACK, message.session, message.client, message.step + 1)
 
-    srv = serve_handler(wrong_step, "127.0.0.1", 0, tokens=TOKENS)
+    srv = serve_handler(wrong_step, "127.0.0.1", 0, tokens=SERVED)
     try:
         with connect(srv) as t, pytest.raises(ProtocolError, match="does not answer"):
             t.request(Message(Kind.HELLO, "s", "", 0))
@@ -319,7 +323,7 @@ def test_closed_transport_refuses(server: RunningServer) -> None:
 
 
 def test_full_server_is_retried_until_a_slot_frees(caplog: pytest.LogCaptureFixture) -> None:
-    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=TOKENS,
+    srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=SERVED,
                         limits=SessionLimits(max_sessions=1))
     try:
         first = connect(srv)

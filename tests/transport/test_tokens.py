@@ -9,6 +9,8 @@ import pytest
 from edgesplit.errors import ConfigError
 from edgesplit.transport.grpc_server import TokenTable
 from edgesplit.transport.tokens import (
+    Role,
+    TokenGrant,
     check_token,
     generate_token,
     load_tls,
@@ -35,14 +37,16 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_read_good_file(tmp_path: Path) -> None:
     tokens = read_token_file(write(tmp_path, GOOD))
-    assert tokens == {"hospital-a": "a" * 24, "pi.kitchen": "b" * 24}
+    # bare 'name token' lines: training clients, as before roles existed
+    assert tokens == {"hospital-a": TokenGrant("a" * 24), "pi.kitchen": TokenGrant("b" * 24)}
+    assert all(g.roles == {Role.TRAIN} and g.party is None for g in tokens.values())
 
 
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
         ("a aaaaaaaaaaaaaaaaaaaa\nlonely\n", 2, "got 1 field"),
-        ("a aaaaaaaaaaaaaaaaaaaa extra\n", 1, "got 3 field"),
+        ("a aaaaaaaaaaaaaaaaaaaa extra\n", 1, "unknown field 'extra'"),
         ("# c\na aaaaaaaaaaaaaaaaaaaa\na bbbbbbbbbbbbbbbbbbbbbbbb\n", 3, "listed twice"),
         ("a aaaaaaaaaaaaaaaaaaaa\nb aaaaaaaaaaaaaaaaaaaa\n", 2, "same token as 'a'"),
         ("bad/name aaaaaaaaaaaaaaaaaaaa\n", 1, "client name 'bad/name'"),
@@ -76,7 +80,7 @@ def test_weak_and_world_readable_are_warned(
 ) -> None:
     p = write(tmp_path, "a short\n")
     p.chmod(0o644)
-    assert read_token_file(p) == {"a": "short"}
+    assert read_token_file(p) == {"a": TokenGrant("short")}
     assert "only 5 characters" in caplog.text and "chmod 600" in caplog.text
 
 
@@ -84,7 +88,7 @@ def test_generate_token_is_valid_and_unique() -> None:
     a, b = generate_token(), generate_token()
     assert a != b and len(a) >= 32
     assert check_token(a) == a
-    assert parse_tokens(f"x {a}\ny {b}\n") == {"x": a, "y": b}
+    assert parse_tokens(f"x {a}\ny {b}\n") == {"x": TokenGrant(a), "y": TokenGrant(b)}
 
 
 def test_interceptor_refuses_shared_or_empty_tables() -> None:
