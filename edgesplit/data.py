@@ -15,7 +15,9 @@ import numpy as np
 
 from edgesplit.errors import ConfigError
 
-BUILTIN = ("digits", "breast_cancer")
+#: Built-in datasets: ``digits`` (64 pixel features, an MLP), ``digits_images`` (the same
+#: digits as 1×8×8 images, a 2-D CNN) and ``breast_cancer`` (30 lab features).
+BUILTIN = ("digits", "digits_images", "breast_cancer")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm"}
 
 
@@ -142,10 +144,13 @@ def _load_builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
             f"built-in dataset {name!r} needs scikit-learn (pip install 'edgesplit[train]'); "
             "on a device, pass an .npz instead"
         ) from None
-    bunch = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
+    bunch = datasets.load_breast_cancer() if name == "breast_cancer" else datasets.load_digits()
     # raw values, as a device would read them (digits: pixels 0..16): each client segment starts
     # with a standardization fitted on its own rows (edgesplit.split.preprocess)
-    return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    x = bunch.data.astype(np.float32)
+    if name == "digits_images":
+        x = x.reshape(-1, 1, 8, 8)  # (N, C, H, W): the built-in models pick the 2-D CNN
+    return x, bunch.target.astype(np.int64)
 
 
 def load_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -342,6 +342,8 @@ def _validate(args: SweepArgs) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.codecs:
         raise ConfigError("--codecs is empty")
+    for codec in args.codecs:
+        check_cell_codec(codec)
     for what, items in (("codec", args.codecs), ("cut", args.cuts or [])):
         dup = sorted({x for x in items if items.count(x) > 1})
         if dup:
@@ -403,15 +405,59 @@ def default_cuts(args: SweepArgs) -> list[str]:
     return [str(getattr(c, "name", c)) for c in valid_cuts(model, data.input_shape)]
 
 
+#: A codec-axis entry ``bn:D[:BITS[:RATE]]`` trains a learned bottleneck at the cut (width ×
+#: bits are then sweep axes, the cuts its positions) with the bottleneck's own codecs.
+BOTTLENECK_PREFIX = "bn:"
+
+
+def split_cell_codec(codec: str) -> tuple[str | None, str, str | None]:
+    """``(bottleneck, activation codec, gradient codec or None)`` of a codec-axis entry.
+
+    ``q4+zstd/q8+zstd`` names both directions; ``bn:16:2`` (optionally ``bn:16:2/q8``) a
+    bottleneck with its default codecs (``fq:2,ans`` up, ``q4:stochastic`` down).
+    """
+    entry, _, grad = codec.partition("/")
+    if entry.startswith(BOTTLENECK_PREFIX):
+        from edgesplit.split.bottleneck import default_codecs
+
+        bottleneck = entry[len(BOTTLENECK_PREFIX):]
+        act, default_grad = default_codecs(bottleneck)
+        return bottleneck, act, grad or default_grad
+    return None, entry, grad or None
+
+
+def check_cell_codec(codec: str) -> None:
+    """Refuse a codec-axis entry that no cell could train, before any cell trains.
+
+    Raises
+    ------
+    ConfigError
+        Naming the entry and what would be valid.
+    """
+    from edgesplit.codecs import parse_codec
+
+    try:
+        bottleneck, act, grad = split_cell_codec(codec)
+        for spec in (act, grad):
+            if spec is not None:
+                parse_codec(spec)
+    except ImportError:
+        raise ConfigError(f"codec {codec!r}: a bottleneck needs the training extra "
+                          "(pip install 'edgesplit[train]')") from None
+    except EdgesplitError as exc:
+        raise ConfigError(f"--codecs entry {codec!r}: {exc}") from None
+
+
 def make_spec(args: SweepArgs, cut: str, codec: str, seed: int) -> TrainSpec:
     """The :class:`TrainSpec` of one cell. ``codec`` may name both directions as
-    ``ACTIVATIONS/GRADIENTS`` (``q4+zstd/q8+zstd``); otherwise gradients use ``--grad-codec``."""
-    act, _, grad = codec.partition("/")
+    ``ACTIVATIONS/GRADIENTS`` (``q4+zstd/q8+zstd``), otherwise gradients use ``--grad-codec``;
+    ``bn:D:BITS`` is a learned bottleneck (:func:`split_cell_codec`)."""
+    bottleneck, act, grad = split_cell_codec(codec)
     return TrainSpec(
         data=args.data, config=args.config, clients=args.clients, model=args.model, cut=cut,
         codec=act, grad_codec=grad or args.grad_codec, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=seed, feature_split=args.feature_split,
-        defense=args.defense,
+        defense=args.defense, bottleneck=bottleneck,
     )
 
 
@@ -568,6 +614,9 @@ def aggregate(cut: str, codec: str, results: Sequence[TrainResult],
         "cut": cut,
         "codec": codec,
         "grad_codec": first.grad_codec or args.grad_codec,
+        # the learned bottleneck (D:BITS:RATE) of a bn: cell; ratios stay against the fp32 cut
+        # without bottleneck at the same position
+        "bottleneck": split_cell_codec(codec)[0],
         "config": first.config,
         "seeds": args.seed_values()[: len(results)],
         "n_seeds": len(results),

@@ -75,3 +75,10 @@ def test_image_folder(tmp_path):
             )
     ds = load_dataset(str(tmp_path))
     assert ds.input_shape == (1, 6, 6) and ds.num_classes == 2
+
+
+def test_builtin_digits_images_are_the_digits_as_images():
+    flat, images = load_dataset("digits"), load_dataset("digits_images")
+    assert images.input_shape == (1, 8, 8)
+    np.testing.assert_array_equal(images.x_train.reshape(len(images.x_train), -1), flat.x_train)
+    np.testing.assert_array_equal(images.y_test, flat.y_test)
