@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
@@ -159,6 +160,24 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     p.set_defaults(run=run)
 
 
+def stream_closed_hook(server: object) -> Callable[[str | None, str | None], None] | None:
+    """What ``serve_handler`` calls when a client's stream closes: ``server.close_session``.
+
+    Looked up by name so ``serve`` works with an engine that has no ``close_session`` (then
+    ``None``: nothing to release). ``client`` is ``None`` only without tokens, where the engine
+    knows an unnamed client as ``""``; a stream that named no session releases nothing.
+    """
+    close_session = getattr(server, "close_session", None)
+    if not callable(close_session):
+        return None
+
+    def closed(client: str | None, session: str | None) -> None:
+        if session:
+            close_session(client or "", session)
+
+    return closed
+
+
 def run(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -227,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         status=server.status,
         max_workers=args.max_workers,
         limits=limits,
+        on_stream_closed=stream_closed_hook(server),
     )
     info = {
         "host": args.host,
