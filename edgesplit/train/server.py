@@ -1,22 +1,29 @@
 """The server role: holds the full-precision upper (or middle) segment and answers protocol
 messages. The same object serves the in-process engine and the gRPC server.
 
-It never trusts a peer: every frame is decoded by the hardened decoder, bad input becomes an
-``INVALID_ARGUMENT`` error reply (never an exception that would take the server down), and a
-repeated step is answered from the record instead of being applied twice.
+It never trusts a peer: every frame is decoded by the hardened decoder and every meta field is
+read by an explicit check (:mod:`~edgesplit.train.server_checks`), so a peer's mistake becomes an
+``INVALID_ARGUMENT``/``FAILED_PRECONDITION`` reply naming what was wrong, and anything else is a
+server fault: an ``INTERNAL`` reply and a logged traceback, never a crash. A repeated step is
+answered from the record instead of being applied twice.
+
+Each concern has one home: the configuration's step rules (:mod:`.server_rules`), the sessions,
+their replay records and byte budget (:mod:`.server_records`), who may join the run
+(:mod:`.server_admission`), weights passed between clients (:mod:`.server_weights`), probes
+(:mod:`.server_probes`) and the barrier of several participants (:mod:`.barrier`). This module
+ties them together: one lock guards the shared weights and the records; decoding happens
+outside it.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
-import uuid
-from collections import OrderedDict, defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +35,7 @@ from edgesplit.data import label_dtype
 from edgesplit.errors import (
     CodecError,
     ConfigError,
+    EdgesplitError,
     FrameError,
     ProtocolError,
     TrainingDiverged,
@@ -37,8 +45,26 @@ from edgesplit.split.defense import Defense
 from edgesplit.train.barrier import Barriers
 from edgesplit.train.controller import BitrateController
 from edgesplit.train.frames import TensorCodec, decode_labels
-from edgesplit.train.probe import compare
-from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame, fp32_frame_size
+from edgesplit.train.server_admission import RunAdmission
+from edgesplit.train.server_checks import (
+    HelloTerms,
+    InternalFault,
+    PreconditionFailed,
+    check_labels,
+    codec_family,
+    cut_mismatch,
+    error_code,
+    frame_family,
+    hello_terms,
+    meta_float,
+    meta_int,
+    meta_str,
+)
+from edgesplit.train.server_probes import ProbeLog
+from edgesplit.train.server_records import RecordLimits, Session, SessionTable
+from edgesplit.train.server_rules import Batch, rules_for
+from edgesplit.train.server_weights import HandOff, Schema, check_weights, fedavg
+from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
 from edgesplit.wire.messages import (
     Kind,
     Message,
@@ -49,12 +75,13 @@ from edgesplit.wire.messages import (
 
 log = logging.getLogger(__name__)
 
-#: Kinds whose effect must happen once per step (their replies are recorded for retries).
+T = TypeVar("T")
+
+#: Kinds whose effect must happen once per step (their replies are recorded for retries);
+#: FORWARD only where the configuration's FORWARD changes the weights.
 _RECORDED = {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.WEIGHTS}
-_RECORDS_PER_CLIENT = 64
-#: Sessions whose records are kept; the oldest is forgotten beyond this (a client that returns
-#: after that long starts a new session).
-_MAX_SESSIONS = 10_000
+#: Kinds an infer-only session may not send.
+_TRAINING = {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.WEIGHTS}
 #: Default per-frame limits on a server: 16 Mi elements, 64 MiB decoded.
 SERVER_LIMITS = FrameLimits(max_elements=1 << 24, max_decoded_bytes=1 << 26)
 
@@ -123,7 +150,17 @@ class SplitServer:
         naming another run is refused.
     spec:
         The training settings the WELCOME reply tells clients (model, cuts, seed, epochs, ...),
-        so a networked client builds exactly the segment the server expects.
+        so a networked client builds exactly the segment the server expects. Its ``clients``
+        and ``epochs`` also bound who may join the run (:mod:`~edgesplit.train.server_admission`).
+    require_hello:
+        Refuse any step of a session that did not open with HELLO (a deployed server; the
+        in-process engine sends no HELLO).
+    record_limits:
+        Bytes and sessions kept per client and in total
+        (:class:`~edgesplit.train.server_records.RecordLimits`).
+    weight_schema:
+        Names, shapes and dtypes of the lower segment's weights: a hand-off or FedAvg
+        contribution of anything else is refused (``None``: fixed by the first accepted one).
     """
 
     def __init__(
@@ -143,15 +180,17 @@ class SplitServer:
         defense: Defense | None = None,
         run_id: str | None = None,
         controller: BitrateController | None = None,
+        require_hello: bool = False,
+        record_limits: RecordLimits | None = None,
+        weight_schema: Schema | None = None,
     ) -> None:
+        self.rules = rules_for(config)  # refuses an unknown configuration
         self.config = config
         self.segment = segment
         self.optimizer = optimizer or torch.optim.SGD(
             param_groups(segment, lr), lr=lr, momentum=momentum
         )
         self.limits = limits
-        #: Moves each probing client along a ladder of codecs (``serve --ladder --max-drop``).
-        self.controller = controller
         #: The training run whose weights this server holds: a bundle of another run is refused.
         self.run_id = run_id
         #: The label-leak defense perturbs every cut gradient this server returns.
@@ -169,44 +208,120 @@ class SplitServer:
         self._models: dict[str, ModelTable] = {}
         self.loss_fn = nn.CrossEntropyLoss()
         self.wait_timeout = wait_timeout
-        self.on_probe = on_probe
+        self.require_hello = require_hello
         self.stats: dict[str, ClientStats] = defaultdict(ClientStats)
-        self.probes: deque[dict[str, Any]] = deque(maxlen=1000)  # the latest, for tests/status
-        self.latest_probe: dict[str, dict[str, Any]] = {}
         self.steps_applied = 0
+        #: FedAvg rounds completed (splitfed).
+        self.rounds = 0
         self._cond = threading.Condition(threading.RLock())
-        self._records: dict[tuple[str, str], OrderedDict[tuple[str, int], Message]] = defaultdict(
-            OrderedDict
-        )
-        self._ushape_graphs: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._barriers = Barriers(self._cond, lambda: self.wait_timeout)
-        self._handoff: dict[str, bytes] | None = None
-        self.handoffs = 0
+        #: Sessions, their replay records and pending forwards, bounded in bytes.
+        self.table = SessionTable(record_limits)
+        self.barriers = Barriers(self._cond, lambda: self.wait_timeout)
+        self.handoff = HandOff(weight_schema)
+        self.admission = RunAdmission()
+        self._probes = ProbeLog(controller, on_probe)
         self.spec = spec or {}
+        import uuid
+
         self.group = uuid.uuid4().hex[:8]
         #: Called (under the server lock) after every applied step, before its reply leaves:
         #: ``serve`` checkpoints here, so a restart never loses a step a client saw answered.
         self.on_applied: Callable[[], None] | None = None
-        self._last_step: dict[tuple[str, str], int] = {}
-        self._in_flight: set[tuple[tuple[str, str], tuple[str, int]]] = set()
+        self._in_flight: set[tuple[str, str, tuple[str, int]]] = set()
+        #: Per-sample shape of the activations accepted steps sent (for refusals' wording).
+        self._cut_shape: tuple[int, ...] | None = None
+        #: Class count seen in the logits of an accepted step (labels are checked against it).
+        self._classes: int | None = None
+
+    # ------------------------------------------------------------------ attributes kept public
+    @property
+    def controller(self) -> BitrateController | None:
+        """Moves each probing client along a ladder of codecs (``serve --ladder --max-drop``)."""
+        return self._probes.controller
+
+    @controller.setter
+    def controller(self, value: BitrateController | None) -> None:
+        self._probes.controller = value
+
+    @property
+    def on_probe(self) -> Callable[[dict[str, Any]], None] | None:
+        """Called with a dict of metrics whenever a probe is evaluated."""
+        return self._probes.on_probe
+
+    @on_probe.setter
+    def on_probe(self, value: Callable[[dict[str, Any]], None] | None) -> None:
+        self._probes.on_probe = value
+
+    @property
+    def probes(self) -> Any:
+        """The latest probe records (at most 1000), oldest first."""
+        return self._probes.records
+
+    @property
+    def latest_probe(self) -> dict[str, dict[str, Any]]:
+        """Each client's latest probe record."""
+        return self._probes.latest
+
+    @property
+    def handoffs(self) -> int:
+        """Hand-offs received so far (the vanilla/ushape turn counter)."""
+        return self.handoff.count
+
+    @property
+    def lock(self) -> threading.Condition:
+        """The condition (over a re-entrant lock) that guards the shared weights and records."""
+        return self._cond
+
+    def set_limits(self, limits: FrameLimits) -> None:
+        """Change what one received frame may claim (``serve --max-tensor-mib``)."""
+        self.limits = self.act_codec.limits = self.grad_codec.limits = limits
+        self.mid_codec.limits = limits
+
+    def expected_clients(self) -> int | None:
+        """How many clients (vertical: parties) the run trains, when the spec says."""
+        value = self.spec.get("clients")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     # ------------------------------------------------------------------ entry point
     def handle(self, message: Message) -> Message:
-        """Answer one request. Never raises for bad input: returns an ERROR reply instead."""
+        """Answer one request. Never raises: a refusal or a server fault is an ERROR reply.
+
+        A peer's mistake (a bad frame or meta field, a step its session may not take) gets
+        ``INVALID_ARGUMENT``, ``FAILED_PRECONDITION`` or ``RESOURCE_EXHAUSTED`` with a sentence
+        naming the field; a step that diverged ``FAILED_PRECONDITION``; anything unexpected is
+        the server's fault: ``INTERNAL`` and a traceback in the log.
+        """
         try:
             reply = self._handle_once(message)
-        except (FrameError, CodecError, ProtocolError, ConfigError) as exc:
-            reply = self._refuse(message, "INVALID_ARGUMENT", exc)
         except TrainingDiverged as exc:
             reply = self._refuse(message, "FAILED_PRECONDITION", exc)
             reply.meta["diverged"] = True
+        except InternalFault as exc:
+            log.error(
+                "server fault on %s step %d from %r: %s",
+                message.kind,
+                message.step,
+                message.client,
+                exc,
+            )
+            reply = self._refuse(message, "INTERNAL", exc)
+        except (FrameError, CodecError, ProtocolError, ConfigError) as exc:
+            reply = self._refuse(message, error_code(exc), exc)
         except TimeoutError as exc:
             reply = self._refuse(message, "DEADLINE_EXCEEDED", exc)
-        except (RuntimeError, ValueError, TypeError, IndexError, RecursionError) as exc:
-            # what torch or int() raise for input that passed the frame checks but does not fit
-            # this model (wrong width, class id out of range, malformed meta): the peer's fault
+        except Exception as exc:  # a bug here must not be blamed on the client, nor crash it
+            log.exception(
+                "server fault on %s step %d of session %r from client %r",
+                message.kind,
+                message.step,
+                message.session,
+                message.client,
+            )
             reply = self._refuse(
-                message, "INVALID_ARGUMENT", f"{type(exc).__name__}: {exc}".splitlines()[0]
+                message,
+                "INTERNAL",
+                f"the server failed on this {message.kind} step ({type(exc).__name__}); "
+                "see the server log",
             )
         with self._cond:
             stats = self.stats[message.client]
@@ -215,93 +330,214 @@ class SplitServer:
             stats.last_seen = time.time()
         return reply
 
+    def guard(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``; an unexpected exception becomes an :class:`InternalFault` (logged), so
+        it reaches every participant of a barrier as the server's fault, not the peer's."""
+        try:
+            return fn()
+        except (EdgesplitError, TimeoutError):
+            raise
+        except Exception as exc:
+            log.exception("server fault inside a barrier computation")
+            raise InternalFault(
+                f"the server failed on this step ({type(exc).__name__}); see the server log"
+            ) from exc
+
     def _refuse(self, message: Message, code: str, exc: Exception | str) -> Message:
         with self._cond:
             self.stats[message.client].errors += 1
         log.warning(
-            "refused %s from %s step %d: %s", message.kind, message.client, message.step, exc
+            "refused %s from %s step %d: %s: %s",
+            message.kind,
+            message.client,
+            message.step,
+            code,
+            exc,
         )
         return error_message(message, code, str(exc))
 
     def _handle_once(self, message: Message) -> Message:
+        kind = message.kind
+        if kind == Kind.HELLO:
+            return self._hello(message)
+        if kind == Kind.BYE:
+            return self._bye(message)
+        if kind == Kind.STATUS:
+            return Message(
+                Kind.STATUS, message.session, message.client, message.step, meta=self.status()
+            )
+        if kind not in (Kind.FORWARD, Kind.PREDICT, Kind.MIDDLE_GRAD, Kind.WEIGHTS):
+            expected = (
+                Kind.BYE,
+                Kind.FORWARD,
+                Kind.HELLO,
+                Kind.MIDDLE_GRAD,
+                Kind.PREDICT,
+                Kind.STATUS,
+                Kind.WEIGHTS,
+            )
+            raise ProtocolError(
+                f"server does not accept {kind[:40]!r} messages; expected one of "
+                f"{', '.join(expected)}"
+            )
+        recorded = kind in _RECORDED and (kind != Kind.FORWARD or self.rules.forward_applies)
+        if not recorded:
+            with self._cond:
+                session = self._session_for(message)
+            batch = self._prepare(message, session)
+            with self._cond:
+                return self._apply_unrecorded(message, batch)
+        return self._apply_once(message)
+
+    def _apply_unrecorded(self, message: Message, batch: Batch) -> Message:
+        """A step that is safe to repeat (PREDICT, a ushape FORWARD); under the lock."""
+        session = self._session_for(message)
+        created = session is None and message.kind == Kind.FORWARD
+        if created:  # a ushape FORWARD keeps its graph in its session
+            session = self.table.open(message.client, message.session)
+        try:
+            return self.rules.apply(self, message, batch, session)
+        except BaseException:
+            if created:  # a refused request leaves nothing behind
+                self.table.release(message.client, message.session)
+            raise
+
+    def _apply_once(self, message: Message) -> Message:
         """Apply a mutating request exactly once.
 
-        The whole dispatch runs under the server lock (the segment is trained under it anyway;
-        barrier waits release it), so a reply's record, the step counters and the saved state
-        always agree. A duplicate that arrives while its original is still waiting at a barrier
-        waits for the original's record instead of applying the step again.
+        The record is checked under the lock; the request is decoded outside it; the step, its
+        record and the checkpoint hook then run in one critical section, so the step counters,
+        the records and the saved state always agree. A duplicate that arrives while its
+        original is in flight (decoding, or waiting at a barrier) waits for the original's
+        record instead of applying the step again.
         """
-        if message.kind not in _RECORDED or (
-            self.config == "ushape" and message.kind == Kind.FORWARD
-        ):
-            return self._dispatch(message)  # applies nothing: safe to repeat
-        session_key = (message.session, message.client)
         key = (message.kind, message.step)
-        flight = (session_key, key)
+        flight = (message.client, message.session, key)
         with self._cond:
             while True:
-                records = self._records[session_key]
-                if key in records:
-                    self.stats[message.client].repeats += 1
-                    return records[key]
+                session = self._session_for(message)
+                if session is not None:
+                    kept = session.reply(key)
+                    if kept is not None:
+                        self.stats[message.client].repeats += 1
+                        return kept
                 if flight not in self._in_flight:
                     break
                 self._cond.wait(self.wait_timeout)
-            last = self._last_step.get(session_key, -1)
-            if message.step < last:
-                raise ProtocolError(
-                    f"step {message.step} is older than the last applied step {last}; "
-                    "steps must increase within a session"
-                )
+            self._check_order(session, key)
             self._in_flight.add(flight)
-            try:
-                reply = self._dispatch(message)
+        try:
+            batch = self._prepare(message, session)
+            with self._cond:
+                session = self._session_for(message)
+                self._check_order(session, key)
+                reply = self._apply(message, batch, session)
                 if reply.kind != Kind.ERROR:
-                    records[key] = reply
-                    self._last_step[session_key] = max(last, message.step)
-                    while len(records) > _RECORDS_PER_CLIENT:
-                        records.popitem(last=False)
-                    while len(self._records) > _MAX_SESSIONS:
-                        oldest = next(iter(self._records))
-                        self._records.pop(oldest)
-                        self._last_step.pop(oldest, None)
+                    session = session or self.table.open(message.client, message.session)
+                    if not self.table.keep_reply(session, key, reply):
+                        log.warning(
+                            "reply to %s step %d of %r (%d bytes) exceeds the record budget: "
+                            "not kept",
+                            message.kind,
+                            message.step,
+                            message.client,
+                            reply.tensor_bytes(),
+                        )
+                    self.admission.observe(self.spec, handoffs=self.handoffs, rounds=self.rounds)
                     if self.on_applied is not None:
                         self.on_applied()
-            finally:
+        finally:
+            with self._cond:
                 self._in_flight.discard(flight)
                 self._cond.notify_all()
         return reply
 
-    def _dispatch(self, message: Message) -> Message:
-        handlers = {
-            Kind.HELLO: self._hello,
-            Kind.FORWARD: self._forward,
-            Kind.PREDICT: self._predict,
-            Kind.MIDDLE_GRAD: self._middle_grad,
-            Kind.WEIGHTS: self._weights,
-            Kind.BYE: self._bye,
-            Kind.STATUS: lambda m: Message(
-                Kind.STATUS, m.session, m.client, m.step, meta=self.status()
-            ),
-        }
-        handler = handlers.get(message.kind)
-        if handler is None:
-            raise ProtocolError(
-                f"server does not accept {message.kind!r} messages; "
-                f"expected one of {', '.join(sorted(handlers))}"
+    def _session_for(self, message: Message) -> Session | None:
+        """The session ``message`` belongs to, checked against what its HELLO bound (under
+        the lock). Never creates one."""
+        session = self.table.find(message.client, message.session)
+        if session is None:
+            session = self.table.adopt(message.client, message.session)
+        if session is None or not session.hello:
+            if self.require_hello:
+                raise PreconditionFailed(
+                    f"{message.kind} before HELLO: open session {message.session[:40]!r} "
+                    "with HELLO first"
+                )
+            return session
+        if session.mode == "infer" and message.kind in _TRAINING:
+            raise PreconditionFailed(
+                f"session {message.session[:40]!r} said mode=infer in its HELLO; it cannot "
+                f"send {message.kind} (open a session with mode=train to train)"
             )
-        return handler(message)
+        return session
 
-    # ------------------------------------------------------------------ messages
+    @staticmethod
+    def _check_order(session: Session | None, key: tuple[str, int]) -> None:
+        """Refuse a step at or before the session's last applied one that has no record: it
+        was applied (or is older), so it must never be applied (again)."""
+        if session is None or key[1] > session.last_step:
+            return
+        if key[1] == session.last_step:
+            raise PreconditionFailed(
+                f"step {key[1]} was already applied but its reply is no longer kept (the "
+                "server's record budget evicted it); go on from step "
+                f"{session.last_step + 1}"
+            )
+        raise ProtocolError(
+            f"step {key[1]} is older than the last applied step {session.last_step}; "
+            "steps must increase within a session"
+        )
+
+    def _prepare(self, message: Message, session: Session | None) -> Any:
+        """Decode and check a step's request (outside the lock)."""
+        if message.kind == Kind.WEIGHTS:
+            return self._prepare_weights(message)
+        return self.rules.prepare(self, message, session)
+
+    def _apply(self, message: Message, batch: Any, session: Session | None) -> Message:
+        if message.kind == Kind.WEIGHTS:
+            return self._apply_weights(message, batch)
+        return self.rules.apply(self, message, batch, session)
+
+    # ------------------------------------------------------------------ session set-up
     def _hello(self, message: Message) -> Message:
         claimed = message.meta.get("run_id")
         if self.run_id and claimed and claimed != self.run_id:
-            raise ProtocolError(
-                f"this bundle comes from training run {claimed}, but this server holds the "
-                f"layers of run {self.run_id}: export the bundle from the checkpoint this server "
-                "runs (or serve the bundle's own .server directory)"
+            raise PreconditionFailed(
+                f"this bundle comes from training run {str(claimed)[:40]}, but this server "
+                f"holds the layers of run {self.run_id}: export the bundle from the checkpoint "
+                "this server runs (or serve the bundle's own .server directory)"
             )
-        last = self._last_step.get((message.session, message.client), -1)
+        terms = hello_terms(message, self.config)
+        with self._cond:
+            session = self.table.find(message.client, message.session)
+            if session is not None and session.hello:
+                # a reconnecting client says HELLO again: it may repeat its terms or leave them
+                # out, not change them
+                if terms.mode is not None and terms.mode != session.mode:
+                    raise PreconditionFailed(
+                        f"session {message.session[:40]!r} was opened with mode={session.mode}; "
+                        f"a HELLO with mode={terms.mode} needs a new session id"
+                    )
+                terms = HelloTerms(
+                    session.mode,
+                    terms.config or session.config,
+                    terms.codec or session.codec,
+                    terms.family or session.family,
+                )
+            elif terms.mode != "infer":
+                self.admission.admit(message.client, self.spec)
+            session = self.table.open(message.client, message.session)
+            session.hello = True
+            session.mode, session.config = terms.mode, terms.config
+            session.codec, session.family = terms.codec, terms.family
+            resume = session.last_step + 1
+            codec = (
+                self.controller.codec_for(message.client)
+                if self.controller
+                else self.act_codec.codec.spec
+            )
         return Message(
             Kind.WELCOME,
             message.session,
@@ -309,12 +545,8 @@ class SplitServer:
             message.step,
             meta={
                 "config": self.config,
-                "resume_step": last + 1,
-                "codec": (
-                    self.controller.codec_for(message.client)
-                    if self.controller
-                    else self.act_codec.codec.spec
-                ),
+                "resume_step": resume,
+                "codec": codec,
                 "grad_codec": self.grad_codec.codec.spec,
                 "spec": self.spec,
                 "group": self.group,
@@ -322,284 +554,114 @@ class SplitServer:
             },
         )
 
-    def set_limits(self, limits: FrameLimits) -> None:
-        """Change what one received frame may claim (``serve --max-tensor-mib``)."""
-        self.limits = self.act_codec.limits = self.grad_codec.limits = limits
-
     def _bye(self, message: Message) -> Message:
-        """The client is done with this session: forget its records."""
+        """The client is done with this session: forget everything it held."""
         with self._cond:
-            self._records.pop((message.session, message.client), None)
-            self._last_step.pop((message.session, message.client), None)
+            session = self.table.find(message.client, message.session)
+            if session is not None and session.hello and session.mode != "infer":
+                self.admission.bye(message.client, self.spec)
+            self.table.release(message.client, message.session)
         return Message(Kind.ACK, message.session, message.client, message.step)
 
-    def _forward(self, message: Message) -> Message:
-        if self.config == "vertical":
-            return self._vertical(message, train=True)
-        act = self._decode_act(message)
-        if self.config == "ushape":
-            if "labels" in message.tensors:
-                raise ProtocolError("ushape clients keep their labels: do not send 'labels'")
-            return self._ushape_forward(message, act)
-        labels = self._labels(message, len(act))
-        want_grad = message.meta.get("want_grad", True) is not False
-        ref = self._reference(message, act)  # checked before anything is applied
+    def close_session(self, client: str, session: str) -> None:
+        """The session's stream closed: release what it held (pending ushape forwards, every
+        kept reply but its last). Its last applied step and that step's reply stay, so a client
+        that reconnects and resends it is answered, never applied twice; they are counted in the
+        record budget and are the first to go under pressure."""
         with self._cond:
-            act.requires_grad_(want_grad)
-            self.segment.train()
-            logits = self.segment(act)
-            loss = self.loss_fn(logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self._check_finite(message.step, loss)
-            # encode before stepping: the codec refuses a non-finite gradient, and then nothing
-            # may have been applied
-            grad = act.grad if act.grad is None else self.defense.server_grad(act.grad, labels)
-            tensors = {"grad": self._encode_grad(message.step, grad)} if want_grad else {}
-            self.optimizer.step()
-            self.steps_applied += 1
-        meta = self._count(message.client, len(act), loss, logits, labels)
-        if ref is not None:
-            switch = self._probe(message, act.detach(), ref, labels)
-            if switch is not None:
-                meta["codec"] = switch["to"]  # the client sends with this from its next step
-        return Message(
-            Kind.GRADIENT,
-            message.session,
-            message.client,
-            message.step,
-            tensors,
-            meta,
-        )
+            self.table.release(client, session, keep_last=True)
 
-    def _predict(self, message: Message) -> Message:
-        if self.config == "vertical":
-            return self._vertical(message, train=False)
-        act = self._decode_act(message)
-        with self._cond, torch.no_grad():
-            self.segment.eval()
-            out = self.segment(act)
-        ref = self._reference(message, act)
-        if ref is not None:
-            labels = self._labels(message, len(act)) if "labels" in message.tensors else None
-            self._probe(message, act, ref, labels)
-        if self.config == "ushape":
-            return Message(
-                Kind.MIDDLE,
-                message.session,
-                message.client,
-                message.step,
-                {"mid": self.mid_codec.encode(out)},
-            )
-        return self._prediction(message, out)
-
-    def _prediction(self, message: Message, logits: torch.Tensor) -> Message:
-        # class ids travel in the smallest integer type that holds them, like labels
-        pred = logits.argmax(1).numpy().astype(label_dtype(logits.shape[1]))
-        meta: dict[str, Any] = {"n": len(pred)}
-        if "labels" in message.tensors:
-            labels = decode_labels(message.tensors["labels"], self.limits)
-            meta["correct"] = int((torch.from_numpy(pred) == labels).sum())
-            meta["loss"] = float(self.loss_fn(logits, labels))
-        return Message(
-            Kind.PREDICTION,
-            message.session,
-            message.client,
-            message.step,
-            {"pred": encode_frame(pred, "fp32")},
-            meta,
-        )
-
-    def _ushape_forward(self, message: Message, act: torch.Tensor) -> Message:
+    def held_bytes(self, client: str | None = None) -> int:
+        """Bytes the server keeps for ``client`` (every client: ``None``): replies, pending
+        forwards and session bookkeeping, by the server's own accounting."""
         with self._cond:
-            act.requires_grad_(True)
-            self.segment.train()
-            mid = self.segment(act)
-            self._ushape_graphs[(message.session, message.client, message.step)] = (act, mid)
-            # a client that vanished must not pin its graphs forever
-            while len(self._ushape_graphs) > 256:
-                self._ushape_graphs.pop(next(iter(self._ushape_graphs)))
-        self.stats[message.client].samples += len(act)
-        return Message(
-            Kind.MIDDLE,
-            message.session,
-            message.client,
-            message.step,
-            {"mid": self.mid_codec.encode(mid)},
-        )
+            return self.table.held(client)
 
-    def _middle_grad(self, message: Message) -> Message:
-        if self.config != "ushape":
-            raise ProtocolError(
-                f"{Kind.MIDDLE_GRAD} is only valid in ushape, server runs {self.config}"
-            )
-        with self._cond:
-            graph = self._ushape_graphs.pop((message.session, message.client, message.step), None)
-        if graph is None:
-            raise ProtocolError(
-                f"no ushape forward pending for step {message.step}; send FORWARD first"
-            )
-        act, mid = graph
-        grad = self.grad_codec.decode(message.frame("grad"))
-        if grad.shape != mid.shape:
-            raise ProtocolError(
-                f"grad shape {tuple(grad.shape)} does not match middle output "
-                f"shape {tuple(mid.shape)}"
-            )
-        with self._cond:
-            self.optimizer.zero_grad(set_to_none=True)
-            mid.backward(grad)
-            self._check_finite(message.step, None, act.grad)
-            self.optimizer.step()
-            self.steps_applied += 1
-        self.stats[message.client].steps += 1
-        return Message(
-            Kind.GRADIENT,
-            message.session,
-            message.client,
-            message.step,
-            {"grad": self._encode_grad(message.step, act.grad)},
-        )
-
-    def _vertical(self, message: Message, *, train: bool) -> Message:
-        party = int(message.meta.get("party", -1))
-        parties = int(message.meta.get("parties", 0))
-        if not 0 <= party < parties:
-            raise ProtocolError(
-                f"vertical messages need meta party in [0, parties), "
-                f"got party={party} parties={parties}"
-            )
-        act = self._decode_act(message)
-        labels = (
-            decode_labels(message.tensors["labels"], self.limits)
-            if "labels" in message.tensors
-            else None
-        )
-        key = (f"{message.kind}:{message.meta.get('group', '')}", message.step)
-
-        def compute(parts: dict[int, Any]) -> dict[int, Message]:
-            order = sorted(parts)
-            acts = [parts[k][0] for k in order]
-            if len({parts[k][2] for k in order}) > 1:
-                raise ProtocolError(
-                    f"vertical parties sent different samples for step {message.step} (sample "
-                    "id digests differ): join the parties' data by sample id first"
-                )
-            label_list = [parts[k][1] for k in order if parts[k][1] is not None]
-            if train and not label_list:
-                raise ProtocolError("no party sent labels for this vertical step")
-            if len({len(a) for a in acts}) != 1:
-                raise ProtocolError(f"parties sent different batch sizes {[len(a) for a in acts]}")
-            for a in acts:
-                a.requires_grad_(train)
-            joined = torch.cat([a.flatten(1) for a in acts], dim=1)
-            if train:
-                self.segment.train()
-                logits = self.segment(joined)
-                loss = self.loss_fn(logits, label_list[0])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self._check_finite(message.step, loss, *(a.grad for a in acts))
-                self.optimizer.step()
-                self.steps_applied += 1
-                meta = self._count(message.client, len(joined), loss, logits, label_list[0])
-                labels = label_list[0]
-                return {
-                    k: Message(
-                        Kind.GRADIENT,
-                        "",
-                        "",
-                        0,
-                        # a frozen party (an exported edge segment) applies nothing: no grad
-                        {"grad": self.grad_codec.encode(self._returned_grad(parts[k], labels))}
-                        if parts[k][3]
-                        else {},
-                        meta,
-                    )
-                    for k in order
-                }
-            with torch.no_grad():
-                self.segment.eval()
-                logits = self.segment(joined)
-            return {k: self._prediction(Message(Kind.PREDICT), logits) for k in order}
-
-        ids = message.meta.get("ids")
-        want_grad = message.meta.get("want_grad", True) is not False
-        reply = self._barriers.meet(key, parties, party, (act, labels, ids, want_grad), compute)
-        return Message(
-            reply.kind,
-            message.session,
-            message.client,
-            message.step,
-            reply.tensors,
-            dict(reply.meta),
-        )
-
-    def _weights(self, message: Message) -> Message:
-        mode = message.meta.get("mode")
+    # ------------------------------------------------------------------ weights
+    def _prepare_weights(self, message: Message) -> tuple[str, Any]:
+        mode = meta_str(message, "mode")
         if mode == "put":  # SplitNN hand-off: keep the lower weights for the next client
-            with self._cond:
-                self._handoff = dict(message.tensors)
-                self.handoffs += 1
-                self._cond.notify_all()
-            return Message(Kind.ACK, message.session, message.client, message.step)
+            return mode, check_weights(message, self.limits, self.handoff.schema)
         if mode == "get":  # wait for this client's turn: the hand-offs before it are done
-            turn = int(message.meta.get("turn", 0))
-            with self._cond:
-                if not self._cond.wait_for(lambda: self.handoffs >= turn, self.wait_timeout):
-                    raise TimeoutError(
-                        f"turn {turn} did not come within {self.wait_timeout:.0f}s "
-                        f"({self.handoffs} hand-offs so far)"
-                    )
-                if self.handoffs > turn:
-                    # turn t is served right after the t-th hand-off; more means these turns
-                    # belong to a run this server has already finished
-                    raise ProtocolError(
-                        f"turn {turn} was already taken ({self.handoffs} hand-offs done): this "
-                        "server finished an earlier run; start a fresh `edgesplit serve` (or a "
-                        "fresh --state) for a new networked training run"
-                    )
-                tensors = dict(self._handoff or {})
-            return Message(Kind.WEIGHTS, message.session, message.client, message.step, tensors)
+            return mode, meta_int(message, "turn", 0)
         if mode == "average":  # splitfed: FedAvg over every client of the round
-            clients = int(message.meta.get("clients", 0))
-            rnd = int(message.meta.get("round", -1))
-            weight = float(message.meta.get("n_samples", 1))
-            arrays = {
-                name: decode_frame(frame, self.limits) for name, frame in message.tensors.items()
-            }
-
-            def average(parts: dict[int, Any]) -> dict[int, Message]:
-                total = sum(w for w, _ in parts.values())
-                names = next(iter(parts.values()))[1].keys()
-                for _, arrs in parts.values():
-                    if arrs.keys() != names:
-                        raise ProtocolError("FedAvg participants sent different parameter names")
-                avg = {
-                    n: sum(w * arrs[n].astype(np.float64) for w, arrs in parts.values()) / total
-                    for n in names
-                }
-                tensors = {n: encode_frame(a.astype(np.float32), "fp32") for n, a in avg.items()}
-                return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
-
-            index = int(message.meta.get("index", -1))
-            reply = self._barriers.meet(
-                (f"avg:{message.meta.get('group', '')}", rnd),
-                clients,
-                index,
-                (weight, arrays),
-                average,
-            )
-            return Message(
-                Kind.WEIGHTS, message.session, message.client, message.step, reply.tensors
-            )
+            clients = meta_int(message, "clients", lo=1, hi=4096)
+            expected = self.expected_clients()
+            if expected is not None and clients != expected:
+                raise PreconditionFailed(
+                    f"this run averages {expected} clients; the message says clients={clients}"
+                )
+            rnd = meta_int(message, "round", lo=0)
+            index = meta_int(message, "index", lo=0, hi=clients - 1)
+            weight = meta_float(message, "n_samples", 1.0, positive=True)
+            group = meta_str(message, "group") or ""
+            weights = check_weights(message, self.limits, self.handoff.schema)
+            return mode, (clients, rnd, index, weight, group, weights)
         raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
 
-    # ------------------------------------------------------------------ helpers
-    def _encode_grad(self, step: int, grad: torch.Tensor | None) -> bytes:
+    def _apply_weights(self, message: Message, prepared: tuple[str, Any]) -> Message:
+        mode, value = prepared
+        if mode == "put":
+            self.handoff.put(value)
+            self._cond.notify_all()
+            return Message(Kind.ACK, message.session, message.client, message.step)
+        if mode == "get":
+            turn = int(value)
+            if not self._cond.wait_for(lambda: self.handoffs >= turn, self.wait_timeout):
+                raise TimeoutError(
+                    f"turn {turn} did not come within {self.wait_timeout:.0f}s "
+                    f"({self.handoffs} hand-offs so far)"
+                )
+            if self.handoffs > turn:
+                # turn t is served right after the t-th hand-off; more means these turns
+                # belong to a run this server has already finished
+                raise PreconditionFailed(
+                    f"turn {turn} was already taken ({self.handoffs} hand-offs done): this "
+                    "server finished an earlier run; start a fresh `edgesplit serve` (or a "
+                    "fresh --state) for a new networked training run"
+                )
+            return self.handoff.reply(message)
+        clients, rnd, index, weight, group, weights = value
+        if self.handoff.schema is None:
+            self.handoff.schema = {
+                n: (tuple(a.shape), a.dtype.name) for n, a in weights.arrays.items()
+            }
+
+        def average(parts: dict[int, tuple[float, dict[str, np.ndarray]]]) -> dict[int, Message]:
+            tensors = self.guard(lambda: fedavg(parts))
+            return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
+
+        reply = self.barriers.meet(
+            (f"avg:{group}", rnd), clients, index, (weight, weights.arrays), average
+        )
+        self.rounds = max(self.rounds, rnd + 1)
+        return Message(Kind.WEIGHTS, message.session, message.client, message.step, reply.tensors)
+
+    # ------------------------------------------------------------------ helpers for the rules
+    def run_segment(
+        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The server segment on ``x`` (with ``params`` instead of its own weights, if given).
+        Activations the segment cannot take are the peer's mistake, refused with the shape
+        expected; a failure on the shape accepted steps sent is the server's own."""
+        shape = tuple(int(d) for d in x.shape[1:])
+        try:
+            if params is None:
+                out = self.segment(x)
+            else:
+                out = torch.func.functional_call(self.segment, params, (x,))
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            if self._cut_shape is not None and shape == self._cut_shape:
+                raise  # it took this shape before: not the peer's input
+            raise cut_mismatch(self.segment, shape, self._cut_shape) from exc
+        if self._cut_shape is None:
+            self._cut_shape = shape
+        return out
+
+    def encode_grad(self, step: int, grad: torch.Tensor | None) -> bytes:
         """The cut gradient as a frame; a non-finite gradient means training diverged."""
         if grad is None:
-            raise ProtocolError("no gradient reached the cut: the server segment ignores its input")
+            raise InternalFault("no gradient reached the cut: the server segment ignores its input")
         try:
             return self.grad_codec.encode(grad)
         except CodecError as exc:
@@ -609,7 +671,7 @@ class SplitServer:
                 "use a finer codec for this cut"
             ) from None
 
-    def _check_finite(
+    def check_finite(
         self, step: int, loss: torch.Tensor | None, *grads: torch.Tensor | None
     ) -> None:
         """Refuse to apply a step whose loss or cut gradients are not finite: training diverged
@@ -625,11 +687,21 @@ class SplitServer:
                 "lower --lr, or use a finer codec for this cut"
             )
 
-    def _returned_grad(self, part: tuple[Any, ...], labels: torch.Tensor) -> torch.Tensor:
-        """A vertical party's cut gradient; a party without labels gets it through the
-        label-leak defense (the label holder already knows its labels)."""
-        act, own_labels = part[0], part[1]
-        return act.grad if own_labels is not None else self.defense.server_grad(act.grad, labels)
+    def check_classes(self, labels: torch.Tensor) -> None:
+        """Labels against the class count, before any forward pass, when it is known: from the
+        spec, or from the logits of an earlier step (the rules check after the forward pass
+        too, against the logits' width)."""
+        shapes = self.spec.get("shapes")
+        classes = shapes.get("num_classes") if isinstance(shapes, dict) else None
+        if isinstance(classes, int) and not isinstance(classes, bool) and classes > 0:
+            check_labels(labels, classes)
+        elif self._classes is not None:
+            check_labels(labels, self._classes)
+
+    def check_logits(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        """Labels against the logits' width (remembered for the next pre-forward check)."""
+        check_labels(labels, logits.shape[1])
+        self._classes = int(logits.shape[1])
 
     def _client_models(self, message: Message) -> ModelTable:
         """The entropy models of ``message.client``, plus the one the message carries."""
@@ -647,25 +719,48 @@ class SplitServer:
                 table.add(model)
         return table
 
-    def _decode_act(self, message: Message) -> torch.Tensor:
+    def decode_act(self, message: Message, session: Session | None) -> torch.Tensor:
+        """The activation frame, decoded and checked (and its codec against the session's)."""
+        frame = message.frame("act")
+        if session is not None and session.family is not None:
+            got = frame_family(frame, self.limits)
+            allowed = {session.family}
+            if self.controller is not None:
+                allowed |= {codec_family(spec) for spec in self.controller.ladder}
+            if got not in allowed:
+                raise ProtocolError(
+                    f"activation frame uses codec {'+'.join(got) or 'raw'}; this session's "
+                    f"HELLO announced {session.codec!r}"
+                )
         with use_models(self._client_models(message)):
-            act = self.act_codec.decode(message.frame("act"))
+            act = self.act_codec.decode(frame)
         if act.ndim < 2 or len(act) == 0:
             raise ProtocolError(
                 f"activation frame must be a non-empty batch, got {tuple(act.shape)}"
             )
         return act
 
-    def _labels(self, message: Message, batch: int) -> torch.Tensor:
+    def labels(self, message: Message, batch: int) -> torch.Tensor:
+        """The labels frame, decoded and checked against the batch and the class count."""
         labels = decode_labels(message.frame("labels"), self.limits)
         if labels.shape != (batch,):
             raise ProtocolError(
                 f"labels shape {tuple(labels.shape)} does not match the batch "
                 f"of {batch} activations"
             )
+        self.check_classes(labels)
         return labels
 
-    def _count(
+    def reference(self, message: Message, act: torch.Tensor) -> torch.Tensor | None:
+        """The probe's fp32 copy of ``act``, decoded and checked; None when not a probe."""
+        if "act_ref" not in message.tensors:
+            return None
+        ref = self.act_codec.decode(message.tensors["act_ref"])
+        if ref.shape != act.shape:
+            raise ProtocolError(f"act_ref shape {tuple(ref.shape)} != act {tuple(act.shape)}")
+        return ref
+
+    def count(
         self, client: str, n: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, Any]:
         """Add a trained step to ``client``'s counters; returns the reply meta of that step:
@@ -681,47 +776,45 @@ class SplitServer:
         stats.correct += correct
         return {"loss": float(f"{value:.4g}"), "correct": correct}
 
-    def _reference(self, message: Message, act: torch.Tensor) -> torch.Tensor | None:
-        """The probe's fp32 copy of ``act``, decoded and checked; None when not a probe."""
-        if "act_ref" not in message.tensors:
-            return None
-        ref = self.act_codec.decode(message.tensors["act_ref"])
-        if ref.shape != act.shape:
-            raise ProtocolError(f"act_ref shape {tuple(ref.shape)} != act {tuple(act.shape)}")
-        return ref
+    def prediction(
+        self, message: Message, logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> Message:
+        """The PREDICTION reply: class ids (with labels: how many were right, and the loss)."""
+        # class ids travel in the smallest integer type that holds them, like labels
+        pred = logits.argmax(1).numpy().astype(label_dtype(logits.shape[1]))
+        meta: dict[str, Any] = {"n": len(pred)}
+        if labels is not None:
+            meta["correct"] = int((torch.from_numpy(pred) == labels).sum())
+            meta["loss"] = float(self.loss_fn(logits, labels))
+        return Message(
+            Kind.PREDICTION,
+            message.session,
+            message.client,
+            message.step,
+            {"pred": encode_frame(pred, "fp32")},
+            meta,
+        )
 
-    def _probe(
+    def probe(
         self, message: Message, act: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None
     ) -> dict[str, Any] | None:
-        """Compare the decoded batch with the same batch sent at fp32: what compression costs,
-        for this client over the interval since its previous probe. With a bitrate controller,
-        returns the codec switch this probe caused (also logged in the record), else ``None``."""
-        with self._cond:
-            costs = compare(self.segment, act, ref, labels, logits=self.config != "ushape")
-            stats = self.stats[message.client]
-            record: dict[str, Any] = {
-                "time": time.time(),
-                "client": message.client,
-                "step": message.step,
-                "n": len(act),
-                **costs,
-                "bytes_act": len(message.tensors["act"]),
-                "bytes_act_fp32": fp32_frame_size(tuple(act.shape)),
-                "interval_steps": stats.steps - stats.probe_steps,
-                "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
-            }
-            stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
-            switch = self.controller.observe(message.client, record) if self.controller else None
-            if switch is not None:
-                record["switch"] = switch
-                log.info("client %s: codec %s -> %s (%s)", message.client, switch["from"],
-                         switch["to"], switch["why"])
-            self.probes.append(record)
-            self.latest_probe[message.client] = record
-        if self.on_probe:
-            self.on_probe(record)
+        """Compare the decoded batch with the same batch sent at fp32 (under the lock): what
+        compression costs, for this client over the interval since its previous probe. Returns
+        the codec switch this probe caused (with a bitrate controller), else ``None``."""
+        stats = self.stats[message.client]
+        interval = {
+            "interval_steps": stats.steps - stats.probe_steps,
+            "interval_bytes_in": stats.bytes_in - stats.probe_bytes_in,
+        }
+        record = self._probes.measure(
+            self.segment, message, act, ref, labels, logits=self.rules.logits, interval=interval
+        )
+        stats.probe_steps, stats.probe_bytes_in = stats.steps, stats.bytes_in
+        self._probes.publish(record)
+        switch: dict[str, Any] | None = record.get("switch")
         return switch
 
+    # ------------------------------------------------------------------ persisted state
     def export_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors for ``torch.save``, JSON-able counters): everything a restart needs so that
         no applied step is lost and a retried step is still answered from the record."""
@@ -730,23 +823,30 @@ class SplitServer:
                 "segment": self.segment.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
             }
-            last = {f"{s}\t{c}": step for (s, c), step in self._last_step.items()}
-            records = {
-                f"{s}\t{c}": [
-                    {"request_kind": kind, "request_step": step, **message_to_dict(reply)}
-                    for (kind, step), reply in list(recs.items())[-2:]
-                ]
-                for (s, c), recs in self._records.items()
-            }
+            sessions = self.table.sessions()
             meta = {
                 "steps_applied": self.steps_applied,
-                "handoffs": self.handoffs,
                 "group": self.group,
-                "last_step": last,
-                "records": records,
-                "handoff": {
-                    n: base64.b64encode(f).decode() for n, f in (self._handoff or {}).items()
+                "last_step": {f"{s.session}\t{s.client}": s.last_step for s in sessions},
+                "records": {
+                    f"{s.session}\t{s.client}": [
+                        {"request_kind": kind, "request_step": step, **message_to_dict(entry.value)}
+                        for (kind, step), entry in list(s.replies.items())[-2:]
+                    ]
+                    for s in sessions
                 },
+                "sessions": {
+                    f"{s.session}\t{s.client}": {
+                        "mode": s.mode,
+                        "config": s.config,
+                        "codec": s.codec,
+                        "hello": s.hello,
+                    }
+                    for s in sessions
+                },
+                **self.handoff.export(),
+                "rounds": self.rounds,
+                "admission": self.admission.export(),
                 "stats": {name: asdict(st) for name, st in self.stats.items()},
             }
         return tensors, meta
@@ -757,25 +857,29 @@ class SplitServer:
             self.segment.load_state_dict(tensors["segment"])
             self.optimizer.load_state_dict(tensors["optimizer"])
             self.steps_applied = int(meta["steps_applied"])
-            self.handoffs = int(meta["handoffs"])
             self.group = str(meta["group"])
-            self._last_step = {
-                tuple(k.split("\t", 1)): int(v)
-                for k, v in meta["last_step"].items()
-            }
-            for key, items in meta["records"].items():
-                session, client = key.split("\t", 1)
-                recs = self._records[(session, client)]
-                for item in items:
-                    key_ = (item["request_kind"], int(item["request_step"]))
-                    recs[key_] = message_from_dict(item)
-            self._handoff = {n: base64.b64decode(f) for n, f in meta["handoff"].items()} or None
+            self.handoff.restore(meta)
+            self.rounds = int(meta.get("rounds", 0))
+            self.admission.restore(meta.get("admission"))
+            bound = meta.get("sessions", {})
+            for key, last in meta["last_step"].items():
+                sid, client = key.split("\t", 1)
+                state = self.table.open(client, sid)
+                for item in meta["records"].get(key, []):
+                    reply_key = (str(item["request_kind"]), int(item["request_step"]))
+                    self.table.keep_reply(state, reply_key, message_from_dict(item))
+                state.last_step = int(last)
+                terms = bound.get(key)
+                if terms:
+                    state.mode, state.config = terms.get("mode"), terms.get("config")
+                    state.codec, state.hello = terms.get("codec"), bool(terms.get("hello"))
+                    state.family = codec_family(state.codec) if state.codec else None
             for name, st in meta["stats"].items():
                 self.stats[name] = ClientStats(**st)
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot: per client counters and the latest probe."""
-        with self._cond:   # gRPC threads add clients and probes while we read
+        with self._cond:  # gRPC threads add clients and probes while we read
             return {
                 "config": self.config,
                 "steps_applied": self.steps_applied,
