@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         "--max-message-bytes",
         type=int,
         default=64 * 1024 * 1024,
-        help="largest message accepted or sent",
+        help="largest gRPC message accepted or sent; a larger request or reply travels as "
+        "chunks of this size",
     )
     g.add_argument(
         "--ladder",
@@ -121,6 +122,14 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         default=64,
         metavar="KIB",
         help="largest JSON meta one request may carry",
+    )
+    g.add_argument(
+        "--max-request-mib",
+        type=int,
+        default=256,
+        metavar="MIB",
+        help="largest request envelope, whole or joined from chunks (a request over "
+        "--max-message-bytes travels as chunks)",
     )
     g = p.add_argument_group("state and metrics")
     g.add_argument(
@@ -213,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_streams_per_client=args.max_streams_per_client,
         idle_timeout=args.idle_timeout,
-        envelope=EnvelopeLimits(max_meta_bytes=args.max_meta_kib * 1024),
+        envelope=EnvelopeLimits(
+            max_meta_bytes=args.max_meta_kib * 1024, max_envelope_bytes=args.max_request_mib << 20
+        ),
     )
     if args.source:
         server, shapes = server_from_checkpoint(args.source)

@@ -305,36 +305,55 @@ class EnvelopeTooLarge(ChunkError):
     """An envelope (whole or declared by its first chunk) over the receiver's byte bound."""
 
 
-def split_envelope(
-    envelope: split_pb2.Envelope, max_message_bytes: int
-) -> list[split_pb2.Envelope]:
-    """``envelope`` as the gRPC messages that carry it: itself when it fits one message of
-    ``max_message_bytes``, else chunk carriers of at most that size each.
+def split_envelope(envelope: split_pb2.Envelope, max_message_bytes: int) -> list[bytes]:
+    """``envelope`` serialized as the gRPC messages that carry it: one when it fits in
+    ``max_message_bytes``, else chunk carriers of at most that many bytes each.
+
+    The lengths of the returned byte strings are what crosses the wire (byte counts).
 
     Raises
     ------
     ConfigError
         If ``max_message_bytes`` leaves no room for a piece beside :data:`CHUNK_OVERHEAD`.
     """
-    size = envelope.ByteSize()
+    data = envelope.SerializeToString()
+    size = len(data)
     if size <= max_message_bytes:
-        return [envelope]
+        return [data]
     piece = max_message_bytes - CHUNK_OVERHEAD
     if piece <= 0:
         raise ConfigError(
             f"max_message_bytes={max_message_bytes} leaves no room for chunks of a {size}-byte "
             f"envelope; it must exceed {CHUNK_OVERHEAD}"
         )
-    data = envelope.SerializeToString()
+    view = memoryview(data)
     count = -(-size // piece)
-    return [
-        split_pb2.Envelope(
-            chunk=split_pb2.Chunk(
-                index=i, count=count, total=size, data=data[i * piece : (i + 1) * piece]
-            )
-        )
-        for i in range(count)
-    ]
+    return [chunk_carrier(i, count, size, view[i * piece : (i + 1) * piece]) for i in range(count)]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def chunk_carrier(index: int, count: int, total: int, piece: bytes | memoryview) -> bytes:
+    """The serialized ``Envelope{chunk: Chunk{index, count, total, data: piece}}``.
+
+    Encoded by hand (field 7 holding fields 1-4, proto3: a zero ``index`` is left out), byte for
+    byte what protobuf writes: building it through protobuf objects copies a 64 MiB piece three
+    times (into the message, into its parent, out again); this copies it once.
+    """
+    head = bytearray()
+    if index:
+        head += b"\x08" + _varint(index)
+    head += b"\x10" + _varint(count) + b"\x18" + _varint(total) + b"\x22" + _varint(len(piece))
+    return b"".join((b"\x3a", _varint(len(head) + len(piece)), head, piece))
 
 
 class ChunkAssembler:
@@ -352,7 +371,10 @@ class ChunkAssembler:
     def __init__(self, max_envelope_bytes: int, what: str = "request") -> None:
         self.max_envelope_bytes = max_envelope_bytes
         self._what = what
-        self._buffer = bytearray()
+        # Pieces kept as received and joined once at the end: one copy of the envelope, not
+        # one per piece (at 64 MiB every copy counts).
+        self._pieces: list[bytes] = []
+        self._held = 0
         self._count = 0
         self._total = 0
         self._next = 0  # index of the expected piece; 0 when no envelope is half received
@@ -360,12 +382,12 @@ class ChunkAssembler:
     @property
     def pending_bytes(self) -> int:
         """Bytes of a half-received chunked envelope held now."""
-        return len(self._buffer)
+        return self._held
 
     def reset(self) -> None:
-        """Drop a half-received envelope (the stream ended)."""
-        self._buffer = bytearray()
-        self._next = self._count = self._total = 0
+        """Drop a half-received envelope (the stream ended, or it was refused)."""
+        self._pieces = []
+        self._held = self._next = self._count = self._total = 0
 
     def feed(self, envelope: split_pb2.Envelope) -> split_pb2.Envelope | None:
         """The envelope that ``envelope`` completes: itself when it is whole, the joined
@@ -376,10 +398,17 @@ class ChunkAssembler:
         ChunkError
             A chunk out of order, missing, empty, inconsistent with the first, carrying other
             fields, or a whole envelope arriving between chunks; or joined bytes that are not
-            an envelope, or are themselves a chunk.
+            an envelope, or are themselves a chunk. What was held is dropped.
         EnvelopeTooLarge
             A first chunk declaring more than ``max_envelope_bytes``.
         """
+        try:
+            return self._feed(envelope)
+        except ProtocolError:
+            self.reset()
+            raise
+
+    def _feed(self, envelope: split_pb2.Envelope) -> split_pb2.Envelope | None:
         if not envelope.HasField("chunk"):
             if self._next:
                 raise ChunkError(
@@ -388,16 +417,13 @@ class ChunkAssembler:
                 )
             return envelope
         chunk = envelope.chunk
-        if len(envelope.ListFields()) != 1:
-            others = ", ".join(f.name for f, _ in envelope.ListFields() if f.name != "chunk")
-            raise ChunkError(f"a chunk carrier may set only 'chunk'; this one also sets {others}")
+        _carrier_only(envelope)
         if chunk.index != self._next:
             expected = (
                 f"chunk {self._next} of {self._count}"
                 if self._next
                 else "chunk 0 of a new envelope"
             )
-            self.reset()
             raise ChunkError(
                 f"{self._what} chunk {chunk.index} arrived where {expected} was expected; "
                 "chunks must come in order 0..count-1 with none missing"
@@ -409,24 +435,26 @@ class ChunkAssembler:
                 f"{self._what} chunk {chunk.index} says count={chunk.count} total={chunk.total}; "
                 f"chunk 0 said count={self._count} total={self._total} (they must agree)"
             )
-        if not chunk.data:
+        data = chunk.data
+        if not data:
             raise ChunkError(f"{self._what} chunk {chunk.index} of {self._count} is empty")
-        if len(self._buffer) + len(chunk.data) > self._total:
+        if self._held + len(data) > self._total:
             raise ChunkError(
                 f"{self._what} chunks carry more than the {self._total} bytes chunk 0 declared "
                 f"(at chunk {chunk.index} of {self._count})"
             )
-        self._buffer += chunk.data
+        self._pieces.append(data)
+        self._held += len(data)
         self._next += 1
         if self._next < self._count:
             return None
-        data, self._buffer = bytes(self._buffer), bytearray()
-        self._next = 0
-        if len(data) != self._total:
+        if self._held != self._total:
             raise ChunkError(
-                f"{self._what} chunks add up to {len(data)} bytes; chunk 0 declared {self._total}"
+                f"{self._what} chunks add up to {self._held} bytes; chunk 0 declared {self._total}"
             )
-        joined = parse_envelope(data)
+        pieces = self._pieces
+        self.reset()
+        joined = parse_envelope(b"".join(pieces))
         if joined.HasField("chunk"):
             raise ChunkError(f"joined {self._what} chunks hold another chunk; chunks do not nest")
         return joined
@@ -448,4 +476,24 @@ class ChunkAssembler:
                 "every piece carries at least one byte"
             )
         self._count, self._total = chunk.count, chunk.total
-        self._buffer = bytearray()
+
+
+def _carrier_only(envelope: split_pb2.Envelope) -> None:
+    """Refuse a chunk carrier that sets anything besides ``chunk`` (checked field by field:
+    ``ListFields`` would copy the piece's bytes)."""
+    others = [
+        name
+        for name, value in (
+            ("kind", envelope.kind),
+            ("session", envelope.session),
+            ("client", envelope.client),
+            ("step", envelope.step),
+            ("tensors", len(envelope.tensors)),
+            ("meta_json", envelope.meta_json),
+        )
+        if value
+    ]
+    if others:
+        raise ChunkError(
+            f"a chunk carrier may set only 'chunk'; this one also sets {', '.join(others)}"
+        )

@@ -37,16 +37,17 @@ from edgesplit.transport.envelope import (
     CHUNK_OVERHEAD,
     DEFAULT_MAX_ENVELOPE_BYTES,
     ChunkAssembler,
-    ChunkError,
     StreamIds,
     envelope_to_message,
     message_to_envelope,
+    parse_envelope,
     split_envelope,
 )
 from edgesplit.transport.grpc_server import (
     AUTH_METADATA_KEY,
     CONCURRENCY_LIMIT_TEXT,
     DEFAULT_MAX_MESSAGE_BYTES,
+    SESSION_METHOD,
 )
 from edgesplit.transport.tokens import TlsConfig, TlsFiles, check_token
 from edgesplit.wire.messages import Message
@@ -135,7 +136,7 @@ class _Stream:
 
     def __init__(
         self,
-        stub: split_pb2_grpc.SplitStub,
+        channel: grpc.Channel,
         metadata: list[tuple[str, str]],
         max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
     ) -> None:
@@ -146,13 +147,18 @@ class _Stream:
         self.ids = StreamIds()
         #: Joins a chunked reply (a reply over the server's message limit).
         self.assembler = ChunkAssembler(max_envelope_bytes, "reply")
-        self.call = stub.Session(self._request_iter(), metadata=metadata)
+        # Raw bytes both ways: requests are serialized once by split_envelope (which measures
+        # and chunks them), replies are parsed (and measured) by the transport.
+        session = channel.stream_stream(
+            SESSION_METHOD, request_serializer=None, response_deserializer=None
+        )
+        self.call = session(self._request_iter(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="edgesplit-grpc-reader", daemon=True
         )
         self._reader.start()
 
-    def _request_iter(self) -> Iterator[split_pb2.Envelope]:
+    def _request_iter(self) -> Iterator[bytes]:
         while True:
             item = self._requests.get()
             if item is _END:
@@ -161,16 +167,16 @@ class _Stream:
 
     def _read(self) -> None:
         try:
-            for envelope in self.call:
-                self.replies.put(envelope)
+            for data in self.call:
+                self.replies.put(data)
             self.replies.put(_END)
         except grpc.RpcError as exc:
             self.replies.put(exc)
         except Exception as exc:  # e.g. a reply that does not parse as an Envelope
             self.replies.put(exc)
 
-    def send(self, envelope: split_pb2.Envelope) -> None:
-        self._requests.put(envelope)
+    def send(self, data: bytes) -> None:
+        self._requests.put(data)
 
     def close(self, *, graceful: bool, wait: float = 1.0) -> None:
         # Always end the request iterator: grpc consumes it on its own thread, which would
@@ -284,9 +290,7 @@ class GrpcTransport:
                 # growing to 120 s by default) would otherwise make fresh attempts fail fast.
                 reconnect_backoff_ms=max(1, int(self.retry.initial_backoff * 1000)),
             )
-        self._stream = _Stream(
-            split_pb2_grpc.SplitStub(self._channel), self._metadata, self.max_envelope_bytes
-        )
+        self._stream = _Stream(self._channel, self._metadata, self.max_envelope_bytes)
         return self._stream
 
     def _drop(self, *, channel: bool) -> None:
@@ -358,7 +362,7 @@ class GrpcTransport:
             envelope = message_to_envelope(stream.ids.compact(message))
             for piece in split_envelope(envelope, self.max_message_bytes):
                 stream.send(piece)
-                self.wire_bytes_up += piece.ByteSize()
+                self.wire_bytes_up += len(piece)
             if sent_before:
                 self.resends += 1
             sent_before = True
@@ -419,12 +423,12 @@ class GrpcTransport:
                     f"no reply from {self.target} to {message.kind} step {message.step} within "
                     f"{self.timeout} s (timeout)"
                 ) from None
-            if not isinstance(item, split_pb2.Envelope):
+            if not isinstance(item, bytes):
                 return item
-            self.wire_bytes_down += item.ByteSize()
+            self.wire_bytes_down += len(item)
             try:
-                whole = stream.assembler.feed(item)
-            except ChunkError:
+                whole = stream.assembler.feed(parse_envelope(item))
+            except ProtocolError:
                 self._drop(channel=False)  # the stream is out of step; start a clean one
                 raise
             if whole is not None:

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 #: Default limit on one serialized envelope, both directions (gRPC's own default is 4 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Full method name of the Session stream (both ends move raw envelope bytes on it).
+SESSION_METHOD = "/edgesplit.v1.Split/Session"
 #: Metadata key carrying ``Bearer <token>`` (gRPC metadata keys are lower case).
 AUTH_METADATA_KEY = "authorization"
 #: Text clients recognise as "the server is full, try again later" (grpc's own wording).
@@ -331,10 +333,12 @@ class SplitServicer:
             {
                 # Raw bytes in: a request that is not an Envelope must become INVALID_ARGUMENT,
                 # and grpc's own deserializer failure would be INTERNAL.
+                # Raw bytes out: replies are serialized once, by split_envelope (which also
+                # measures them and cuts one over max_message_bytes into chunks).
                 "Session": grpc.stream_stream_rpc_method_handler(
                     self.Session,
                     request_deserializer=None,
-                    response_serializer=split_pb2.Envelope.SerializeToString,
+                    response_serializer=None,
                 ),
                 "Status": grpc.unary_unary_rpc_method_handler(
                     self.Status,
