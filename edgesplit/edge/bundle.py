@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgesplit.codecs.entropy import register_json
+from edgesplit.edge.drift import DriftMonitor, validate_ranges
 from edgesplit.errors import CodecError, ConfigError, ExportError
 
 #: Version of manifest.json this module reads and the exporter writes.
@@ -82,6 +83,8 @@ OPTIONAL_KEYS: dict[str, tuple[type | None, ...]] = {
     "entropy_models": (dict,),          # hex id -> frequency table of the fq codec's models
     "preprocess": (dict, None),         # {mean, std}: standardize x before client.onnx (a
                                         # device-trained bundle; exports compile it in)
+    "input_ranges": (dict, None),       # {min, max, mean, std, samples} per feature/channel of
+                                        # the training inputs: the drift check (edge/drift.py)
 }
 #: Keys every tensor description (``input``, ``output``, ``head.input``, ``head.output``) holds.
 TENSOR_KEYS = ("name", "shape", "dtype")
@@ -161,6 +164,8 @@ class Bundle:
     head_output: TensorSpec | None = None
     _session: Any = field(default=None, repr=False)
     _head_session: Any = field(default=None, repr=False)
+    #: checks inputs against the training ranges (``None``: the manifest recorded none)
+    drift: DriftMonitor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ what the client needs
     @property
@@ -236,12 +241,18 @@ class Bundle:
     def run(self, x: np.ndarray) -> np.ndarray:
         """The client segment's output (the cut tensor) for a batch ``x``.
 
+        ``x`` is checked against the training inputs' ranges when the manifest recorded them
+        (:mod:`edgesplit.edge.drift`): a batch far outside them logs a warning (at most one per
+        :data:`~edgesplit.edge.drift.DEFAULT_EVERY` batches) and still runs.
+
         Raises
         ------
         ConfigError: ``x`` is not a float32 array of the manifest's input shape.
         ExportError: ONNX Runtime failed to run the model.
         """
         x = self.input.check(x, f"input {self.input.name!r} of {self.name}")
+        if self.drift is not None:
+            self.drift.check(x)   # warns (rate-limited) and carries on: the caller decides
         x = standardize(x, self.manifest.get("preprocess"))
         return _run(self._session, self.input.name, x, CLIENT_FILE)
 
@@ -333,6 +344,9 @@ def load_bundle(path: str | Path, *, providers: Sequence[str] | None = None,
     bundle = Bundle(root, manifest, _tensor(manifest["input"]),
                     _tensor(manifest["output"]), chosen,
                     _session=session)
+    if manifest.get("input_ranges"):
+        bundle.drift = DriftMonitor(manifest["input_ranges"], bundle.name,
+                                    sample_ndim=len(bundle.input.shape))
     head = manifest["head"]
     if head is not None:
         bundle.head_input = _tensor(head["input"])
@@ -400,6 +414,8 @@ def validate_manifest(manifest: Any, where: str | Path = MANIFEST_FILE) -> None:
         if not isinstance(digest, str) or len(digest) != 64:
             raise ConfigError(f"{where}: missing required key 'sha256.{files[role]}' "
                               "(hex SHA-256 of the model file)")
+    if manifest.get("input_ranges") is not None:
+        validate_ranges(manifest["input_ranges"], tuple(manifest["input"]["shape"][1:]), str(where))
     block = manifest["feature_block"]
     if block is not None and (len(block) != 2 or not all(isinstance(v, int) for v in block)):
         raise ConfigError(f"{where}: key 'feature_block' must be [start, stop], got {block!r}")

@@ -148,6 +148,8 @@ class TrainableModel:
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Cut tensor and residuals for a batch ``x`` (this party's features)."""
         x = self.bundle.input.check(x, f"input of {self.bundle.name}")
+        if self.bundle.drift is not None:
+            self.bundle.drift.check(x)   # the same warning as Bundle.run: training data too
         return self.lower.run_forward(self.params, self.preprocess(x))
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:

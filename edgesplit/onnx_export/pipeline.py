@@ -74,6 +74,7 @@ from edgesplit.onnx_export.segment import (
     model_opset,
 )
 from edgesplit.onnx_export.source import SplitModel
+from edgesplit.split.preprocess import input_ranges, standardize_layer
 from edgesplit.split.profile import SegmentProfile, profile_segment
 
 DEFAULT_OUT_ROOT = Path("export/out")
@@ -461,12 +462,23 @@ def _manifest(model: SplitModel, options: ExportOptions, name: str, shape: tuple
             "file_bytes": {fname: len(data) for fname, data in files.items()},
         },
         "device": fit.to_json() if fit else None,
+        # what the training inputs spanned: the device warns when its inputs leave it
+        "input_ranges": _input_ranges(model, party),
         "server_segment": f"../{server_path.name}",
         "source": {"checkpoint": model.checkpoint, "dataset": model.dataset_name,
                    "trained": model.trained, "accuracy": model.accuracy, "samples": source},
         "versions": _versions(model_opset(client.model)),
     }
     return jsonable(manifest)
+
+
+def _input_ranges(model: SplitModel, party: int) -> dict[str, Any] | None:
+    """Per-feature ranges of ``party``'s training rows; without the training data (an export
+    from a checkpoint alone) its input standardization's mean ± a few spreads, else ``None``."""
+    layer = standardize_layer(model.lowers[party])
+    if model.dataset is None or not len(model.dataset.x_train):
+        return input_ranges(None, layer)
+    return input_ranges(model.party_x(model.dataset.x_train, party), layer)
 
 
 def _staging(final: Path) -> Path:

@@ -103,3 +103,65 @@ def stats_json(layer: Standardize | None) -> dict[str, object] | None:
     if layer is None:
         return None
     return {"mean": layer.mean.numpy().tolist(), "std": layer.std.numpy().tolist()}
+
+
+#: Without the training rows, the drift ranges are the standardization's mean ± this many spreads:
+#: loose on purpose — sparse features (a digits pixel that is almost always 0) reach 21 spreads
+#: in held-out data — so it catches unit and scale errors (inputs ×16), not subtle shifts.
+RANGE_SIGMAS = 16.0
+
+
+def input_ranges(
+    x: np.ndarray | None, layer: Standardize | None = None
+) -> dict[str, object] | None:
+    """What the training inputs looked like, for the device's drift check
+    (:mod:`edgesplit.edge.drift`): per feature (per channel, ...: the axes of
+    :func:`stats_axes`) the smallest and largest value seen in the rows ``x``
+    (``(N, *sample_shape)``), and the mean and spread — the :class:`Standardize` layer's own
+    statistics when there is one (what the model was fitted with), else those of ``x``.
+
+    Without rows (an export from a checkpoint alone) the range is the layer's mean ±
+    :data:`RANGE_SIGMAS` spreads, and ``basis`` says so; without either, ``None``.
+
+    The arrays keep the reduced axes (shape ``(F,)`` or ``(C, 1, 1)``), so they broadcast
+    against a batch as they are. All values are finite floats (JSON has no infinities).
+    """
+    if x is None:
+        if layer is None:
+            return None
+        mean = layer.mean.numpy().astype(np.float64)
+        std = layer.std.numpy().astype(np.float64)
+        return {
+            "min": (mean - RANGE_SIGMAS * std).tolist(),
+            "max": (mean + RANGE_SIGMAS * std).tolist(),
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+            "samples": 0,
+            "basis": f"mean ± {RANGE_SIGMAS:g} std of the input standardization",
+        }
+    x64 = np.asarray(x, dtype=np.float64)
+    if x64.ndim < 2 or not len(x64):
+        raise ValueError(f"input ranges need rows (N, *sample_shape), got shape {x64.shape}")
+    finite = np.where(np.isfinite(x64), x64, np.nan)
+    axes = stats_axes(tuple(x64.shape[1:]))
+    lo = np.nanmin(finite, axis=axes, keepdims=True)[0]
+    hi = np.nanmax(finite, axis=axes, keepdims=True)[0]
+    if layer is not None:
+        mean, std = layer.mean.numpy().astype(np.float64), layer.std.numpy().astype(np.float64)
+    else:
+        mean = np.nanmean(finite, axis=axes, keepdims=True)[0]
+        std = np.nanstd(finite, axis=axes, keepdims=True)[0]
+    arrays = [np.nan_to_num(a, nan=0.0) for a in (lo, hi, mean, std)]
+    return {
+        "min": arrays[0].tolist(),
+        "max": arrays[1].tolist(),
+        "mean": arrays[2].tolist(),
+        "std": arrays[3].tolist(),
+        "samples": int(len(x64)),
+        "basis": "training rows",
+    }
+
+
+def standardize_layer(segment: nn.Module) -> Standardize | None:
+    """The :class:`Standardize` that starts ``segment``, if it has one."""
+    return next((m for m in segment.modules() if isinstance(m, Standardize)), None)
