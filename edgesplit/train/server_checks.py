@@ -140,8 +140,8 @@ def hello_terms(message: Message, server_config: str) -> HelloTerms:
     config = meta_str(message, "config")
     if config is not None and config != server_config:
         raise PreconditionFailed(
-            f"this server runs the {server_config} configuration; a HELLO for {config!r} cannot "
-            f"join it (connect to a {config} server, or use a {server_config} bundle)"
+            f"this client was trained as {config}, but the server runs {server_config}: "
+            f"connect to a {config} server, or use a {server_config} bundle"
         )
     codec = meta_str(message, "codec")
     family = None
