@@ -22,9 +22,7 @@ TORCH_FREE = (
 )
 
 
-def add_parser(
-    sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]
-) -> None:
+def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "demo",
         formatter_class=formatter,
@@ -74,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _codec_table(args: argparse.Namespace, codecs: list[str]) -> list[dict[str, Any]]:
-    from rich.console import Console
     from rich.table import Table
 
+    from edgesplit.cli.console import console as make_console
     from edgesplit.cli.progress import epoch_progress
     from edgesplit.train.engine import run_training
     from edgesplit.train.spec import TrainSpec
@@ -122,7 +120,7 @@ def _codec_table(args: argparse.Namespace, codecs: list[str]) -> list[dict[str, 
                 f"{r['ratio_up']:.1f}×",
                 f"{r['snr_db']:.1f}",
             )
-        Console().print(table)
+        make_console().print(table)
     return rows
 
 
@@ -132,9 +130,9 @@ def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     import sys
 
     import numpy as np
-    from rich.console import Console
     from rich.table import Table
 
+    from edgesplit.cli.console import console as make_console
     from edgesplit.data import load_dataset
     from edgesplit.errors import EdgesplitError
     from edgesplit.onnx_export import ExportOptions, SplitModel, export_bundle
@@ -143,7 +141,7 @@ def _deploy(args: argparse.Namespace, codecs: list[str]) -> dict[str, Any]:
     from edgesplit.train.spec import TrainSpec
     from edgesplit.transport.tokens import generate_token
 
-    console = Console(stderr=args.json)
+    console = make_console(stderr=args.json)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console.print(

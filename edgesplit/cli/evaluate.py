@@ -424,10 +424,11 @@ def _split_ints(text: str, opt: str) -> list[int]:
 
 
 def _print_summary(doc: dict[str, Any], out: Any, trained: int, reused: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from edgesplit.cli.console import console as make_console
+
+    console = make_console()
     table = Table(title="edgesplit evaluate (bytes per sample, mean over seeds)")
     for col, justify in (
         ("cut", "left"),

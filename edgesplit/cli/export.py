@@ -19,17 +19,30 @@ log = logging.getLogger(__name__)
 #: recipe, then this table (comparing against a default cannot tell ``--fit-batch 1`` from
 #: nothing).
 TARGET_DEFAULTS: dict[str, Any] = {
-    "device": None, "weights": "fp32", "opset": None, "fit_batch": 1, "atol": 1e-5,
-    "rtol": 1e-4, "int8_max_drop": 2.0, "calibration_samples": 1024, "name": None,
+    "device": None,
+    "weights": "fp32",
+    "opset": None,
+    "fit_batch": 1,
+    "atol": 1e-5,
+    "rtol": 1e-4,
+    "int8_max_drop": 2.0,
+    "calibration_samples": 1024,
+    "name": None,
 }
 #: Options an export recipe may set (TOML keys = option names with underscores).
 RECIPE_KEYS = tuple(TARGET_DEFAULTS)
 WEIGHTS = ("fp32", "int8")
 #: What each recipe value must be: its type and the smallest value allowed (None: any).
 _RECIPE_TYPES: dict[str, tuple[type, float | None]] = {
-    "device": (str, None), "weights": (str, None), "opset": (int, 1), "fit_batch": (int, 1),
-    "atol": (float, 0.0), "rtol": (float, 0.0), "int8_max_drop": (float, 0.0),
-    "calibration_samples": (int, 1), "name": (str, None),
+    "device": (str, None),
+    "weights": (str, None),
+    "opset": (int, 1),
+    "fit_batch": (int, 1),
+    "atol": (float, 0.0),
+    "rtol": (float, 0.0),
+    "int8_max_drop": (float, 0.0),
+    "calibration_samples": (int, 1),
+    "name": (str, None),
 }
 
 
@@ -54,8 +67,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
-        raise ConfigError(f"recipe {path} has unknown keys {', '.join(unknown)}; valid: "
-                          f"{', '.join(RECIPE_KEYS)}")
+        raise ConfigError(
+            f"recipe {path} has unknown keys {', '.join(unknown)}; valid: {', '.join(RECIPE_KEYS)}"
+        )
     for key, value in recipe.items():
         problem = _recipe_value_problem(key, value)
         if problem:
@@ -91,10 +105,10 @@ def resolve_target(args: argparse.Namespace) -> None:
             setattr(args, key, recipe.get(key, default))
 
 
-def add_parser(sub: argparse._SubParsersAction,
-               formatter: type[argparse.HelpFormatter]) -> None:
+def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
-        "export", formatter_class=formatter,
+        "export",
+        formatter_class=formatter,
         help="export a client segment to an ONNX bundle for a device",
         description=(
             "Export the client segment of a split model as a bundle: client.onnx (torch.export-"
@@ -121,60 +135,124 @@ def add_parser(sub: argparse._SubParsersAction,
         ),
     )
     g = p.add_argument_group("what to export")
-    g.add_argument("--from", dest="source", metavar="CHECKPOINT", default=None,
-                   help="checkpoint directory from `edgesplit train --save`; when not given "
-                        "the model is trained first (or exported untrained with --untrained)")
-    g.add_argument("--untrained", action="store_true",
-                   help="without --from: export freshly initialised weights, no training")
-    g.add_argument("--trainable", action="store_true",
-                   help="also export the training graphs (forward, backward, parameters) so a "
-                        "torch-free device trains its own client segment (`edgesplit client "
-                        "--bundle`); fp32 weights only, no --device/--opset/--recipe")
-    g.add_argument("--party", type=int, default=0, metavar="K",
-                   help="vertical: which party's client segment to export (0-based); other "
-                        "configurations have one client segment: 0")
+    g.add_argument(
+        "--from",
+        dest="source",
+        metavar="CHECKPOINT",
+        default=None,
+        help="checkpoint directory from `edgesplit train --save`; when not given "
+        "the model is trained first (or exported untrained with --untrained)",
+    )
+    g.add_argument(
+        "--untrained",
+        action="store_true",
+        help="without --from: export freshly initialised weights, no training",
+    )
+    g.add_argument(
+        "--trainable",
+        action="store_true",
+        help="also export the training graphs (forward, backward, parameters) so a "
+        "torch-free device trains its own client segment (`edgesplit client "
+        "--bundle`); fp32 weights only, no --device/--opset/--recipe",
+    )
+    g.add_argument(
+        "--party",
+        type=int,
+        default=0,
+        metavar="K",
+        help="vertical: which party's client segment to export (0-based); other "
+        "configurations have one client segment: 0",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", default=None,
-                   help="bundle directory (must be new or empty; an earlier export is replaced "
-                        "only with --force); when not given: export/out/NAME")
-    g.add_argument("--force", action="store_true",
-                   help="replace an earlier export at --out (and its OUT.server folder)")
-    g.add_argument("--name", default=None,
-                   help="bundle name; when not given: DATASET-CONFIG[-partyK][-int8]")
+    g.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="bundle directory (must be new or empty; an earlier export is replaced "
+        "only with --force); when not given: export/out/NAME",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export at --out (and its OUT.server folder)",
+    )
+    g.add_argument(
+        "--name", default=None, help="bundle name; when not given: DATASET-CONFIG[-partyK][-int8]"
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     g = p.add_argument_group("target")
-    g.add_argument("--recipe", metavar="TOML", default=None,
-                   help="an export recipe (see export/*.toml): target settings by their option "
-                        "names (device, weights, opset, fit_batch, atol, rtol, int8_max_drop, "
-                        "calibration_samples, name); options given on the command line win")
-    g.add_argument("--device", metavar="NAME", default=None,
-                   help="device profile (devices/NAME.toml, or a path to a .toml) the export "
-                        "must fit: its max ONNX opset and memory; when not given: no check")
-    g.add_argument("--weights", choices=WEIGHTS, default=None,
-                   help="fp32, or int8 (static QDQ quantization calibrated on training data; "
-                        "its accuracy change is measured on the test split) (default: "
-                        f"{TARGET_DEFAULTS['weights']})")
-    g.add_argument("--opset", type=int, default=None, metavar="N",
-                   help="ai.onnx opset: 18 or newer (torch.export-based exporter) or 13..17 "
-                        "(TorchScript-based exporter, IR version lowered to match, e.g. 16 → "
-                        "IR 8 for onnxruntime 1.11); when not given: 18, or the device's max "
-                        "opset when that is lower")
-    g.add_argument("--fit-batch", type=int, default=None, metavar="N",
-                   help="batch size the device memory estimate is for (default: "
-                        f"{TARGET_DEFAULTS['fit_batch']})")
+    g.add_argument(
+        "--recipe",
+        metavar="TOML",
+        default=None,
+        help="an export recipe (see export/*.toml): target settings by their option "
+        "names (device, weights, opset, fit_batch, atol, rtol, int8_max_drop, "
+        "calibration_samples, name); options given on the command line win",
+    )
+    g.add_argument(
+        "--device",
+        metavar="NAME",
+        default=None,
+        help="device profile (devices/NAME.toml, or a path to a .toml) the export "
+        "must fit: its max ONNX opset and memory; when not given: no check",
+    )
+    g.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=None,
+        help="fp32, or int8 (static QDQ quantization calibrated on training data; "
+        "its accuracy change is measured on the test split) (default: "
+        f"{TARGET_DEFAULTS['weights']})",
+    )
+    g.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ai.onnx opset: 18 or newer (torch.export-based exporter) or 13..17 "
+        "(TorchScript-based exporter, IR version lowered to match, e.g. 16 → "
+        "IR 8 for onnxruntime 1.11); when not given: 18, or the device's max "
+        "opset when that is lower",
+    )
+    g.add_argument(
+        "--fit-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="batch size the device memory estimate is for (default: "
+        f"{TARGET_DEFAULTS['fit_batch']})",
+    )
     g = p.add_argument_group("checks")
-    g.add_argument("--atol", type=float, default=None,
-                   help="fp32 parity: absolute tolerance of |onnxruntime - torch| (default: "
-                        f"{TARGET_DEFAULTS['atol']:g})")
-    g.add_argument("--rtol", type=float, default=None,
-                   help="fp32 parity: relative tolerance (element passes if diff <= atol + "
-                        f"rtol*|torch|) (default: {TARGET_DEFAULTS['rtol']:g})")
-    g.add_argument("--int8-max-drop", type=float, default=None, metavar="POINTS",
-                   help="int8: largest test-accuracy drop in percentage points before the "
-                        f"export fails (default: {TARGET_DEFAULTS['int8_max_drop']:g})")
-    g.add_argument("--calibration-samples", type=int, default=None, metavar="N",
-                   help="int8: training samples (random subset) that calibrate the MinMax "
-                        f"quantization ranges (default: {TARGET_DEFAULTS['calibration_samples']})")
+    g.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="fp32 parity: absolute tolerance of |onnxruntime - torch| (default: "
+        f"{TARGET_DEFAULTS['atol']:g})",
+    )
+    g.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="fp32 parity: relative tolerance (element passes if diff <= atol + "
+        f"rtol*|torch|) (default: {TARGET_DEFAULTS['rtol']:g})",
+    )
+    g.add_argument(
+        "--int8-max-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="int8: largest test-accuracy drop in percentage points before the "
+        f"export fails (default: {TARGET_DEFAULTS['int8_max_drop']:g})",
+    )
+    g.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="int8: training samples (random subset) that calibrate the MinMax "
+        f"quantization ranges (default: {TARGET_DEFAULTS['calibration_samples']})",
+    )
     add_training_options(p, epochs=10)
     p.set_defaults(run=run, data=None)
 
@@ -197,18 +275,31 @@ def run(args: argparse.Namespace) -> int:
     if args.trainable:
         return _run_trainable(args, model)
     options = ExportOptions(
-        name=args.name, party=args.party, opset=args.opset, weights=args.weights,
-        device=args.device, atol=args.atol, rtol=args.rtol,
-        calibration_samples=args.calibration_samples, int8_max_drop=args.int8_max_drop,
-        fit_batch=args.fit_batch, force=args.force,
+        name=args.name,
+        party=args.party,
+        opset=args.opset,
+        weights=args.weights,
+        device=args.device,
+        atol=args.atol,
+        rtol=args.rtol,
+        calibration_samples=args.calibration_samples,
+        int8_max_drop=args.int8_max_drop,
+        fit_batch=args.fit_batch,
+        force=args.force,
     )
     report = export_bundle(model, args.out, options)
     for note in report.warnings:
         log.debug("exporter warning: %s", note)
     if args.json:
-        print_json({"bundle": str(report.bundle), "server": str(report.server),
-                    "files": report.files, "manifest": report.manifest,
-                    "warnings": report.warnings})
+        print_json(
+            {
+                "bundle": str(report.bundle),
+                "server": str(report.server),
+                "files": report.files,
+                "manifest": report.manifest,
+                "warnings": report.warnings,
+            }
+        )
         return 0
     _print_report(report)
     return 0
@@ -221,13 +312,24 @@ def _check_trainable_args(args: argparse.Namespace) -> None:
     from edgesplit.errors import ConfigError
 
     if args.weights == "int8":
-        raise ConfigError("--trainable exports fp32 weights (the device updates them); it "
-                          "cannot be combined with --weights int8")
-    given = [flag for flag, value in (("--device", args.device), ("--opset", args.opset),
-                                      ("--recipe", args.recipe)) if value is not None]
+        raise ConfigError(
+            "--trainable exports fp32 weights (the device updates them); it "
+            "cannot be combined with --weights int8"
+        )
+    given = [
+        flag
+        for flag, value in (
+            ("--device", args.device),
+            ("--opset", args.opset),
+            ("--recipe", args.recipe),
+        )
+        if value is not None
+    ]
     if given:
-        raise ConfigError(f"--trainable does not take {', '.join(given)} (its training graphs "
-                          "are written at the default opset, fp32); drop them")
+        raise ConfigError(
+            f"--trainable does not take {', '.join(given)} (its training graphs "
+            "are written at the default opset, fp32); drop them"
+        )
 
 
 def _run_trainable(args: argparse.Namespace, model: Any) -> int:
@@ -246,7 +348,7 @@ def _run_trainable(args: argparse.Namespace, model: Any) -> int:
     check_replaceable(out, MANIFEST_FILE, force=args.force)
     check_replaceable(server, "export.json", force=args.force)
     for path in (out, server):
-        if path.is_dir() and any(path.iterdir()):   # an earlier export, and --force given
+        if path.is_dir() and any(path.iterdir()):  # an earlier export, and --force given
             shutil.rmtree(path)
     manifest = export_trainable(model, out, party=args.party)
     if args.json:
@@ -257,11 +359,13 @@ def _run_trainable(args: argparse.Namespace, model: Any) -> int:
     count = sum(math.prod(p.get("shape") or [1]) for p in params)
     parity = section.get("parity") or {}
     worst = parity.get("max_abs")
-    print(f"trainable bundle {manifest['name']} → {out} (server segment {server}): "
-          f"{len(params)} tensors, {count:,} trainable parameters, opset {manifest['opset']}, "
-          f"gradient parity {'ok' if parity.get('passed') else 'FAILED'}"
-          + (f" {worst:.1e}" if isinstance(worst, float) else "")
-          + f", run {manifest.get('run_id')}")
+    print(
+        f"trainable bundle {manifest['name']} → {out} (server segment {server}): "
+        f"{len(params)} tensors, {count:,} trainable parameters, opset {manifest['opset']}, "
+        f"gradient parity {'ok' if parity.get('passed') else 'FAILED'}"
+        + (f" {worst:.1e}" if isinstance(worst, float) else "")
+        + f", run {manifest.get('run_id')}"
+    )
     return 0
 
 
@@ -310,35 +414,54 @@ def _untrained(args: argparse.Namespace) -> Any:
 
     args.data = args.data or "digits"
     spec = spec_from_args(args)
-    parse_codec(spec.codec)   # the bundle records it: refuse a bad one now
+    parse_codec(spec.codec)  # the bundle records it: refuse a bad one now
     parse_codec(spec.grad_codec)
     data = load_dataset(spec.data)
     torch.manual_seed(spec.seed)
-    parts = build_split(spec, data.input_shape, data.num_classes,
-                        example=torch.from_numpy(data.x_train[:2]))
-    meta = {"schema": 1, "spec": asdict(spec), "dataset": data.name,
-            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "cuts": list(parts.cuts), "feature_blocks": [list(b) for b in parts.blocks],
-            "parties": len(parts.lowers), "result": None, "trained": False}
+    parts = build_split(
+        spec, data.input_shape, data.num_classes, example=torch.from_numpy(data.x_train[:2])
+    )
+    meta = {
+        "schema": 1,
+        "spec": asdict(spec),
+        "dataset": data.name,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "cuts": list(parts.cuts),
+        "feature_blocks": [list(b) for b in parts.blocks],
+        "parties": len(parts.lowers),
+        "result": None,
+        "trained": False,
+    }
     return SplitModel(
-        config=spec.config, lowers=list(parts.lowers), server=parts.server, head=parts.head,
-        input_shape=tuple(data.input_shape), num_classes=data.num_classes, codec=spec.codec,
-        grad_codec=spec.grad_codec, cuts=tuple(parts.cuts),
-        feature_blocks=list(parts.blocks), dataset=data, meta=meta,
+        config=spec.config,
+        lowers=list(parts.lowers),
+        server=parts.server,
+        head=parts.head,
+        input_shape=tuple(data.input_shape),
+        num_classes=data.num_classes,
+        codec=spec.codec,
+        grad_codec=spec.grad_codec,
+        cuts=tuple(parts.cuts),
+        feature_blocks=list(parts.blocks),
+        dataset=data,
+        meta=meta,
         trained=False,
     )
 
 
 # ---------------------------------------------------------------------------------- output
 def _print_report(report: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from edgesplit.cli.console import console as make_console
 
     m = report.manifest
     fit = m["device"]
     parity = m["parity"]
-    table = Table(title=f"bundle {m['name']}: {m['config']}, cut {m['cut_shape']}, "
-                        f"codec {m['codec']}")
+    table = Table(
+        title=f"bundle {m['name']}: {m['config']}, cut {m['cut_shape']}, codec {m['codec']}"
+    )
     for col in ("file", "size", "opset", "parity", "params", "FLOPs", "device"):
         table.add_column(col, justify="left" if col == "file" else "right")
     fit_text = "—" if fit is None else f"{fit['device']} ok"
@@ -347,41 +470,59 @@ def _print_report(report: Any) -> None:
         name = full.name
         shown = f"{full.parent.name}/{name}"
         if name == "client.onnx":
-            row = (str(m["opset"]), _parity(parity), f"{m['client']['segment_params']:,}",
-                   f"{m['client']['segment_flops_per_sample']:,}", fit_text)
+            row = (
+                str(m["opset"]),
+                _parity(parity),
+                f"{m['client']['segment_params']:,}",
+                f"{m['client']['segment_flops_per_sample']:,}",
+                fit_text,
+            )
         elif name == "head.onnx" and m["head"]:
-            row = (str(m["opset"]), _parity(m["head"]["parity"]), f"{m['head']['params']:,}",
-                   f"{m['head']['flops_per_sample']:,}", "")
+            row = (
+                str(m["opset"]),
+                _parity(m["head"]["parity"]),
+                f"{m['head']['params']:,}",
+                f"{m['head']['flops_per_sample']:,}",
+                "",
+            )
         else:
             row = ("", "", "", "", "")
         table.add_row(shown, human_bytes(size), *row)
-    console = Console()
+    console = make_console()
     console.print(table)
     if fit is not None:
         console.print(
             f"device {fit['device']}: opset {fit['opset']} ≤ {fit['max_onnx_opset']}, needs "
             f"~{fit['estimated_memory_bytes'] / 2**20:.0f} MiB of {fit['memory_mib']} MiB at "
             f"batch {fit['memory']['batch']}, ~{_per_sample(fit['estimated_ms_per_sample'])} "
-            f"({fit['precision']}, {fit['execution_provider']})")
+            f"({fit['precision']}, {fit['execution_provider']})"
+        )
     if parity.get("model") == "int8":
-        console.print(f"parity of the int8 client.onnx vs torch: {parity['max_abs']:.1e} max abs "
-                      f"(fp32 export: {_parity(parity['fp32'])}; int8 is judged by accuracy: "
-                      f"{parity.get('criterion', '')})")
+        console.print(
+            f"parity of the int8 client.onnx vs torch: {parity['max_abs']:.1e} max abs "
+            f"(fp32 export: {_parity(parity['fp32'])}; int8 is judged by accuracy: "
+            f"{parity.get('criterion', '')})"
+        )
     else:
-        console.print(f"parity vs torch: {_parity(parity)} max abs, {parity['max_rel']:.1e} max "
-                      f"rel (atol {parity['atol']:g}, rtol {parity['rtol']:g}, batches "
-                      f"{parity['batch_sizes']}); FLOPs and params per sample of the segment")
+        console.print(
+            f"parity vs torch: {_parity(parity)} max abs, {parity['max_rel']:.1e} max "
+            f"rel (atol {parity['atol']:g}, rtol {parity['rtol']:g}, batches "
+            f"{parity['batch_sizes']}); FLOPs and params per sample of the segment"
+        )
     if m["weights"] == "int8":
         console.print(
             f"int8 weights: test accuracy {m['int8_accuracy_fp32']:.4f} → {m['int8_accuracy']:.4f}"
             f" ({m['int8_accuracy_change']:+.2f} points), cut tensor max abs error "
-            f"{m['int8_cut_max_abs']:.3g}")
+            f"{m['int8_cut_max_abs']:.3g}"
+        )
     if not m["source"]["trained"]:
         console.print("[yellow]untrained weights: for testing a device or pipeline only[/]")
     if parity["samples"] == "random":
         console.print("[yellow]parity checked on random inputs (no data found)[/]")
-    console.print(f"copy [bold]{report.bundle}[/] to the device; the server segment stays in "
-                  f"{report.server} (run {m.get('run_id')})")
+    console.print(
+        f"copy [bold]{report.bundle}[/] to the device; the server segment stays in "
+        f"{report.server} (run {m.get('run_id')})"
+    )
 
 
 def _per_sample(ms: float) -> str:
@@ -389,7 +530,7 @@ def _per_sample(ms: float) -> str:
 
 
 def _parity(p: dict[str, Any]) -> str:
-    if p.get("model") == "int8":   # judged by the accuracy change, not by fp32 tolerances
+    if p.get("model") == "int8":  # judged by the accuracy change, not by fp32 tolerances
         return f"int8 {p['max_abs']:.1e}"
     verdict = "ok" if p["passed"] else "FAILED"
     return f"{verdict} {p['max_abs']:.1e}"

@@ -33,8 +33,7 @@ _BYTES_KEYS = {"bytes_in", "bytes_out", "bytes_act", "bytes_act_fp32"}
 _TIME_KEYS = {"time", "last_seen"}
 
 
-def add_parser(sub: argparse._SubParsersAction,
-               formatter: type[argparse.HelpFormatter]) -> None:
+def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "status",
         formatter_class=formatter,
@@ -46,8 +45,9 @@ def add_parser(sub: argparse._SubParsersAction,
     )
     p.add_argument("server", metavar="HOST:PORT", help="the split server")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up after this long")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long"
+    )
     add_connection_options(p, sessions=False)
     p.set_defaults(run=run)
 
@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_status(status: dict[str, Any], server: str, *, now: float | None = None) -> None:
     """Render a status dict as tables on stdout."""
-    from rich.console import Console
+    from edgesplit.cli.console import console as make_console
 
-    console = Console()
+    console = make_console()
     now = time.time() if now is None else now
     rest = dict(status)
     clients = rest.pop("clients", None)
@@ -100,8 +100,7 @@ def _clients_table(clients: dict[str, Any], now: float) -> Any:
     from rich.table import Table
 
     table = Table(title=f"clients ({len(clients)})")
-    rows = {name: row if isinstance(row, dict) else {"value": row}
-            for name, row in clients.items()}
+    rows = {name: row if isinstance(row, dict) else {"value": row} for name, row in clients.items()}
     extra = sorted({k for row in rows.values() for k in row} - set(CLIENT_COLUMNS))
     columns = [k for k in CLIENT_COLUMNS if any(k in row for row in rows.values())] + extra
     table.add_column("client")
@@ -136,8 +135,7 @@ def _probe_table(probe: dict[str, Any], now: float) -> Any:
     pair("loss decoded vs reference", "loss_decoded", "loss_reference")
     if "snr_db" in p:
         snr = p["snr_db"]
-        table.add_row("SNR", "lossless" if snr is None or snr == float("inf")
-                      else f"{snr:.1f} dB")
+        table.add_row("SNR", "lossless" if snr is None or snr == float("inf") else f"{snr:.1f} dB")
         shown.add("snr_db")
     if "bytes_act" in p:
         act, ref = p.get("bytes_act"), p.get("bytes_act_fp32")
@@ -157,16 +155,31 @@ def _probes_table(probes: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="probes: what compression costs, latest interval per client")
-    for col in ("client", "step", "acc decoded", "acc fp32", "agree", "SNR dB", "B act",
-                "B fp32", "steps"):
+    for col in (
+        "client",
+        "step",
+        "acc decoded",
+        "acc fp32",
+        "agree",
+        "SNR dB",
+        "B act",
+        "B fp32",
+        "steps",
+    ):
         table.add_column(col, justify="right")
     for name, p in sorted(probes.items()):
         snr = p.get("snr_db")
         table.add_row(
-            name, str(p.get("step", "")), _fmt(p.get("accuracy_decoded"), "{:.4f}"),
-            _fmt(p.get("accuracy_reference"), "{:.4f}"), _fmt(p.get("agreement"), "{:.3f}"),
-            "lossless" if snr is None else f"{snr:.1f}", str(p.get("bytes_act", "")),
-            str(p.get("bytes_act_fp32", "")), str(p.get("interval_steps", "")))
+            name,
+            str(p.get("step", "")),
+            _fmt(p.get("accuracy_decoded"), "{:.4f}"),
+            _fmt(p.get("accuracy_reference"), "{:.4f}"),
+            _fmt(p.get("agreement"), "{:.3f}"),
+            "lossless" if snr is None else f"{snr:.1f}",
+            str(p.get("bytes_act", "")),
+            str(p.get("bytes_act_fp32", "")),
+            str(p.get("interval_steps", "")),
+        )
     return table
 
 
