@@ -63,6 +63,7 @@ from edgesplit.train.server_checks import (
 from edgesplit.train.server_probes import ProbeLog
 from edgesplit.train.server_records import RecordLimits, Session, SessionTable
 from edgesplit.train.server_rules import Batch, rules_for
+from edgesplit.train.server_schedule import SplitFedSchedule
 from edgesplit.train.server_weights import HandOff, Schema, check_weights, fedavg
 from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
 from edgesplit.wire.messages import (
@@ -230,6 +231,10 @@ class SplitServer:
         self._in_flight: set[tuple[str, str, tuple[str, int]]] = set()
         #: Per-sample shape of the activations accepted steps sent (for refusals' wording).
         self._cut_shape: tuple[int, ...] | None = None
+        #: The fixed order of splitfed steps (created once the client count is known).
+        self._schedule: SplitFedSchedule | None = None
+        #: Which client holds each client index a HELLO named.
+        self._index_owner: dict[int, str] = {}
         #: Class count seen in the logits of an accepted step (labels are checked against it).
         self._classes: int | None = None
 
@@ -497,7 +502,7 @@ class SplitServer:
 
     def _apply(self, message: Message, batch: Any, session: Session | None) -> Message:
         if message.kind == Kind.WEIGHTS:
-            return self._apply_weights(message, batch)
+            return self._apply_weights(message, batch, session)
         return self.rules.apply(self, message, batch, session)
 
     # ------------------------------------------------------------------ session set-up
@@ -528,7 +533,9 @@ class SplitServer:
                 )
             elif terms.mode != "infer":
                 self.admission.admit(message.client, self.spec)
+            index = self._hello_index(message, session)
             session = self.table.open(message.client, message.session)
+            session.index = index
             session.hello = True
             session.mode, session.config = terms.mode, terms.config
             session.codec, session.family = terms.codec, terms.family
@@ -553,6 +560,49 @@ class SplitServer:
                 "run_id": self.run_id,
             },
         )
+
+    def _hello_index(self, message: Message, session: Session | None) -> int | None:
+        """The client index a HELLO names (it orders splitfed steps): within the run's client
+        count, and held by one client only. A repeated HELLO keeps its session's index."""
+        if session is not None and session.index is not None:
+            return session.index
+        if "index" not in message.meta:
+            return None
+        expected = self.expected_clients()
+        index = meta_int(message, "index", hi=(expected - 1) if expected else 4095)
+        owner = self._index_owner.setdefault(index, message.client)
+        if owner != message.client:
+            raise PreconditionFailed(
+                f"client index {index} belongs to client {owner!r}; client "
+                f"{message.client!r} must use its own index"
+            )
+        return index
+
+    def schedule(self) -> SplitFedSchedule | None:
+        """The fixed order of splitfed steps, when this is a splitfed run of known size."""
+        expected = self.expected_clients()
+        if self.config != "splitfed" or not expected:
+            return None
+        if self._schedule is None or self._schedule.clients != expected:
+            self._schedule = SplitFedSchedule(expected)
+        return self._schedule
+
+    def wait_turn(self, session: Session | None) -> int | None:
+        """Wait (under the lock, releasing it) until this session's splitfed step is next in
+        the round's fixed order; returns the client index to pass to :meth:`stepped`, or
+        ``None`` when steps are not ordered (not splitfed, no index)."""
+        schedule = self.schedule()
+        if schedule is None or session is None or session.index is None:
+            return None
+        schedule.wait_turn(self._cond, session.index, self.wait_timeout)
+        return session.index
+
+    def stepped(self, index: int | None) -> None:
+        """A step of client ``index`` was applied: the next in the order may go."""
+        schedule = self.schedule()
+        if schedule is not None and index is not None:
+            schedule.stepped(index)
+            self._cond.notify_all()
 
     def _bye(self, message: Message) -> Message:
         """The client is done with this session: forget everything it held."""
@@ -599,7 +649,9 @@ class SplitServer:
             return mode, (clients, rnd, index, weight, group, weights)
         raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
 
-    def _apply_weights(self, message: Message, prepared: tuple[str, Any]) -> Message:
+    def _apply_weights(
+        self, message: Message, prepared: tuple[str, Any], session: Session | None
+    ) -> Message:
         mode, value = prepared
         if mode == "put":
             self.handoff.put(value)
@@ -631,9 +683,26 @@ class SplitServer:
             tensors = self.guard(lambda: fedavg(parts))
             return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
 
-        reply = self.barriers.meet(
-            (f"avg:{group}", rnd), clients, index, (weight, weights.arrays), average
-        )
+        schedule = self.schedule() if session is not None and session.index is not None else None
+        if schedule is not None and session is not None and session.index != index:
+            raise PreconditionFailed(
+                f"FedAvg index {index} is not this session's client index {session.index}"
+            )
+        if schedule is not None:
+            schedule.averaging(index, rnd)  # out of the way of the others' remaining steps
+            self._cond.notify_all()
+        try:
+            reply = self.barriers.meet(
+                (f"avg:{group}", rnd), clients, index, (weight, weights.arrays), average
+            )
+        except BaseException:
+            if schedule is not None:
+                schedule.left(index)
+                self._cond.notify_all()
+            raise
+        if schedule is not None:
+            schedule.averaged(index, rnd)
+            self._cond.notify_all()
         self.rounds = max(self.rounds, rnd + 1)
         return Message(Kind.WEIGHTS, message.session, message.client, message.step, reply.tensors)
 
@@ -841,11 +910,14 @@ class SplitServer:
                         "config": s.config,
                         "codec": s.codec,
                         "hello": s.hello,
+                        "index": s.index,
                     }
                     for s in sessions
                 },
                 **self.handoff.export(),
                 "rounds": self.rounds,
+                "schedule": self._schedule.export() if self._schedule else None,
+                "index_owner": {str(i): c for i, c in self._index_owner.items()},
                 "admission": self.admission.export(),
                 "stats": {name: asdict(st) for name, st in self.stats.items()},
             }
@@ -861,6 +933,10 @@ class SplitServer:
             self.handoff.restore(meta)
             self.rounds = int(meta.get("rounds", 0))
             self.admission.restore(meta.get("admission"))
+            schedule = self.schedule()
+            if schedule is not None:
+                schedule.restore(meta.get("schedule"))
+            self._index_owner = {int(i): str(c) for i, c in meta.get("index_owner", {}).items()}
             bound = meta.get("sessions", {})
             for key, last in meta["last_step"].items():
                 sid, client = key.split("\t", 1)
@@ -874,6 +950,8 @@ class SplitServer:
                     state.mode, state.config = terms.get("mode"), terms.get("config")
                     state.codec, state.hello = terms.get("codec"), bool(terms.get("hello"))
                     state.family = codec_family(state.codec) if state.codec else None
+                    index = terms.get("index")
+                    state.index = None if index is None else int(index)
             for name, st in meta["stats"].items():
                 self.stats[name] = ClientStats(**st)
 

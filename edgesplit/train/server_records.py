@@ -92,6 +92,8 @@ class Session:
         the in-process engine sends none).
     config, codec:
         What HELLO bound (``None``: not sent, nothing bound).
+    index:
+        The client index HELLO named (orders splitfed steps), ``None`` if none.
     hello:
         Whether a HELLO opened this session.
     last_step:
@@ -106,6 +108,7 @@ class Session:
     config: str | None = None
     codec: str | None = None
     family: tuple[str, ...] | None = None
+    index: int | None = None
     hello: bool = False
     last_step: int = -1
     last_key: tuple[str, int] | None = None
@@ -254,7 +257,7 @@ class SessionTable:
         self.release("", session)  # it holds no replies or pending forwards yet...
         moved = self.open(client, session)  # ...only what HELLO bound
         moved.mode, moved.config, moved.codec = state.mode, state.config, state.codec
-        moved.family, moved.hello = state.family, state.hello
+        moved.family, moved.hello, moved.index = state.family, state.hello, state.index
         return moved
 
     def take_pending(self, state: Session, step: int) -> Any | None:

@@ -136,6 +136,7 @@ class VanillaRules(StepRules):
         if labels is None:
             raise InternalFault("vanilla FORWARD reached apply without labels")
         host.check_classes(labels)
+        index = host.wait_turn(session)  # splitfed: steps in the round's fixed order
         act.requires_grad_(batch.want_grad)
         host.segment.train()
         logits = host.run_segment(act)
@@ -150,6 +151,7 @@ class VanillaRules(StepRules):
         tensors = {"grad": host.encode_grad(message.step, grad)} if batch.want_grad else {}
         host.optimizer.step()
         host.steps_applied += 1
+        host.stepped(index)
         meta = host.count(message.client, len(act), loss, logits, labels)
         if batch.ref is not None:
             switch = host.probe(message, act.detach(), batch.ref, labels)
