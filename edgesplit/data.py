@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesplit.errors import ConfigError
+from edgesplit.wire.labels import label_dtype  # noqa: F401  (re-exported: callers use data's)
 
 #: Built-in datasets: ``digits`` (64 pixel features, an MLP), ``digits_images`` (the same
 #: digits as 1×8×8 images, a 2-D CNN) and ``breast_cancer`` (30 lab features).
@@ -226,10 +227,3 @@ def iid_shard_indices(n: int, index: int, count: int, *, seed: int = 0) -> np.nd
         raise ConfigError(f"cannot cut {n} samples into {count} shards")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(np.array_split(order, count)[index])
-
-
-def label_dtype(num_classes: int) -> np.dtype:
-    """Smallest unsigned dtype that holds the class ids (labels travel in it)."""
-    return np.dtype(
-        np.uint8 if num_classes <= 256 else np.uint16 if num_classes <= 65536 else np.int64
-    )

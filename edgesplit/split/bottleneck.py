@@ -32,6 +32,12 @@ LR_SCALE = 10.0
 #: Default weight of the rate penalty. Measured on digits (16 channels, 30 epochs, 5 seeds):
 #: 0.01 gives 96.62 ± 0.58 % at 85.4× up, against 96.00 ± 0.63 % at 84.7× without.
 DEFAULT_RATE = 0.01
+#: Fraction of training steps on which the quantizer adds uniform noise of one level's width
+#: instead of rounding (the noise proxy of learned compression, Ballé et al. 2017), the other
+#: steps round with a straight-through gradient. Measured on digits (16:2, 30 epochs, 5 seeds):
+#: rounding always 96.27 ± 0.51 %, noise on half the steps 96.93 ± 0.51 %, always 96.53 ± 0.70 %
+#: (fp32 97.16 ± 0.29 %). Evaluation and export always round: the device sends codes.
+NOISE_FRACTION = 0.5
 #: Training steps before the rate penalty starts: the encoder first learns useful features
 #: (a penalty from step 0 collapsed every code to one level in a prototype on digits).
 RATE_WARMUP_STEPS = 200
@@ -104,9 +110,10 @@ class _RoundSTE(torch.autograd.Function):
 
 
 class FixedRangeQuantizer(nn.Module):
-    """Quantize [0, 1] values to ``2**bits`` fixed levels; straight-through gradient.
+    """Quantize [0, 1] values to ``2**bits`` fixed levels; straight-through gradient (in
+    training, on :data:`NOISE_FRACTION` of the steps, uniform noise of one level instead).
 
-    The forward pass is :func:`edgesplit.codecs.fixed.quantize_codes` then
+    The evaluation forward pass is :func:`edgesplit.codecs.fixed.quantize_codes` then
     :func:`~edgesplit.codecs.fixed.dequantize_codes` in torch, operation for operation.
     """
 
@@ -124,7 +131,12 @@ class FixedRangeQuantizer(nn.Module):
             self.steps += 1
             if self.steps > RATE_WARMUP_STEPS:
                 self.rate = self.rate_weight * soft_entropy(x, self.bits)
-        out: torch.Tensor = _RoundSTE.apply(x, float((1 << self.bits) - 1))
+        levels = float((1 << self.bits) - 1)
+        if self.training and float(torch.rand(())) < NOISE_FRACTION:
+            # the decoder learns to tolerate any error up to half a level, and the encoder gets
+            # the true gradient of a smooth function on these steps
+            return torch.clamp(x, 0.0, 1.0) + (torch.rand_like(x) - 0.5) / levels
+        out: torch.Tensor = _RoundSTE.apply(x, levels)
         return out
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ import torch
 from edgesplit.codecs import Codec, parse_codec
 from edgesplit.codecs.entropy import EntropyModel, ModelTable, code_counts, use_models
 from edgesplit.codecs.fixed import FixedRange
+from edgesplit.wire import labels as wire_labels
 from edgesplit.wire.frame import (
     DEFAULT_LIMITS,
     FrameLimits,
@@ -105,15 +106,9 @@ class TensorCodec:
 
 
 def encode_labels(labels: torch.Tensor | np.ndarray, num_classes: int) -> bytes:
-    """Labels travel as the smallest unsigned integer type that holds the class ids,
-    bit-packed at ``ceil(log2(num_classes))`` bits when that is at most 8 (10 classes: 4 bits)."""
-    from edgesplit.data import label_dtype
-
+    """Labels as a frame (:func:`edgesplit.wire.labels.encode_labels`), from torch or numpy."""
     array = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    bits = max(1, (num_classes - 1).bit_length())
-    return encode_frame(
-        array.astype(label_dtype(num_classes)), "fp32", int_bits=bits if bits <= 8 else None
-    )
+    return wire_labels.encode_labels(array, num_classes)
 
 
 def decode_labels(frame: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> torch.Tensor:

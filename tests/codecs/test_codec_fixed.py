@@ -43,7 +43,7 @@ def test_torch_quantizer_gives_the_codec_levels(bits: int) -> None:
     ).reshape(1, -1)
     codec = parse_codec(f"fq:{bits}")
     decoded = decode_frame(encode_frame(x, codec))
-    trained = FixedRangeQuantizer(bits)(torch.from_numpy(x)).numpy()
+    trained = FixedRangeQuantizer(bits).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(trained, decoded)
     np.testing.assert_array_equal(codec.roundtrip(x), decoded)
     assert set(np.unique(decoded * levels).round().astype(int)) <= set(range(levels + 1))
@@ -51,9 +51,26 @@ def test_torch_quantizer_gives_the_codec_levels(bits: int) -> None:
 
 def test_torch_quantizer_passes_gradients_straight_through() -> None:
     x = torch.rand(3, 5, requires_grad=True)
-    FixedRangeQuantizer(2)(x).sum().backward()
+    FixedRangeQuantizer(2)(x).sum().backward()  # rounding or noise: both pass 1 through
     assert x.grad is not None
     assert torch.equal(x.grad, torch.ones(3, 5))
+
+
+def test_training_rounds_on_some_steps_and_adds_bounded_noise_on_the_others() -> None:
+    torch.manual_seed(0)
+    quantizer = FixedRangeQuantizer(2).train()
+    x = torch.rand(64, 8)
+    rounded = FixedRangeQuantizer(2).eval()(x)
+    kinds = set()
+    for _ in range(40):
+        out = quantizer(x)
+        if torch.equal(out, rounded):
+            kinds.add("round")
+        else:
+            kinds.add("noise")
+            # uniform noise of one level's width around the value, never more
+            assert float((out - x).abs().max()) <= 0.5 / 3 + 1e-6
+    assert kinds == {"round", "noise"}
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
