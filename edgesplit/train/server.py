@@ -235,6 +235,7 @@ class SplitServer:
         self._schedule: SplitFedSchedule | None = None
         #: Which client holds each client index a HELLO named.
         self._index_owner: dict[int, str] = {}
+        self._index_used: set[int] = set()
         #: Class count seen in the logits of an accepted step (labels are checked against it).
         self._classes: int | None = None
 
@@ -570,13 +571,31 @@ class SplitServer:
             return None
         expected = self.expected_clients()
         index = meta_int(message, "index", hi=(expected - 1) if expected else 4095)
-        owner = self._index_owner.setdefault(index, message.client)
-        if owner != message.client:
-            raise PreconditionFailed(
-                f"client index {index} belongs to client {owner!r}; client "
-                f"{message.client!r} must use its own index"
-            )
+        self.claim_index(index, message.client)
+        self.used_index(index)  # HELLO is answered right after this
         return index
+
+    def claim_index(self, index: int, client: str) -> bool:
+        """Bind client index (vertical: party) ``index`` to ``client`` (under the lock);
+        another client naming it later is refused. Returns whether this call made the claim
+        (the caller gives it back with :meth:`release_index` if its request then fails)."""
+        new = index not in self._index_owner
+        owner = self._index_owner.setdefault(index, client)
+        if owner != client:
+            raise PreconditionFailed(
+                f"party/client index {index} belongs to client {owner!r}; client {client!r} "
+                "cannot take its place"
+            )
+        return new
+
+    def release_index(self, index: int) -> None:
+        """Give back a claim whose request failed: refused requests leave nothing behind."""
+        if index not in self._index_used:
+            self._index_owner.pop(index, None)
+
+    def used_index(self, index: int) -> None:
+        """A request under ``index`` was answered: the claim is kept for good."""
+        self._index_used.add(index)
 
     def schedule(self) -> SplitFedSchedule | None:
         """The fixed order of splitfed steps, when this is a splitfed run of known size."""
@@ -937,6 +956,7 @@ class SplitServer:
             if schedule is not None:
                 schedule.restore(meta.get("schedule"))
             self._index_owner = {int(i): str(c) for i, c in meta.get("index_owner", {}).items()}
+            self._index_used = set(self._index_owner)
             bound = meta.get("sessions", {})
             for key, last in meta["last_step"].items():
                 sid, client = key.split("\t", 1)

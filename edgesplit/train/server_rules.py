@@ -315,6 +315,8 @@ class VerticalRules(StepRules):
 
     def _meet(self, host: SplitServer, message: Message, batch: Batch, *, train: bool) -> Message:
         party, parties, ids = batch.extra
+        # a party's place cannot be taken by another client
+        claimed = host.claim_index(party, message.client)
         group = message.meta.get("group", "")
         key = (f"{message.kind}:{group if isinstance(group, str) else ''}", message.step)
         step = message.step
@@ -322,7 +324,13 @@ class VerticalRules(StepRules):
         def compute(parts: dict[int, Batch]) -> dict[int, Message]:
             return host.guard(lambda: self._compute(host, message.client, step, parts, train))
 
-        reply = host.barriers.meet(key, parties, party, batch, compute)
+        try:
+            reply = host.barriers.meet(key, parties, party, batch, compute)
+        except BaseException:
+            if claimed:
+                host.release_index(party)
+            raise
+        host.used_index(party)
         return Message(
             reply.kind,
             message.session,

@@ -212,3 +212,21 @@ def test_without_a_given_schema_the_first_hand_off_fixes_it():
         "INVALID_ARGUMENT",
         "(2, 3)",
     )
+
+
+def test_a_vertical_partys_place_cannot_be_taken_by_another_client():
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = _server("vertical", wait_timeout=5)
+
+    def predict(client: str, party: int, session: str = "s") -> Message:
+        meta = {"party": party, "parties": 2, "group": "g"}
+        return server.handle(Message(Kind.PREDICT, session, client, 1, {"act": _act(4)}, meta))
+
+    alone = predict("mallory", 1)
+    assert alone.kind == Kind.ERROR and alone.meta["code"] == "DEADLINE_EXCEEDED"
+    # a request that was not answered claims nothing: the real party 1 still can join
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(predict, ["imaging", "lab"], [0, 1]))
+    assert all(r.kind == Kind.PREDICTION for r in replies), replies
+    _refused(predict("mallory", 1, "t"), "FAILED_PRECONDITION", "index 1", "'lab'")
