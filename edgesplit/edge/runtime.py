@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from edgesplit.edge.bundle import Bundle
 from edgesplit.errors import ConfigError, ProtocolError
 from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
+from edgesplit.transport.envelope import wire_size
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
 from edgesplit.wire.messages import Kind, Message, expect, ids_digest
 
@@ -79,13 +80,17 @@ class EdgeReport:
     labelled:
         Samples that had labels (the denominator of ``accuracy``).
     bytes_up, bytes_down:
-        Sum of the lengths of every frame sent and received (activations, labels, ``act_ref``,
-        predictions, middle outputs): exactly what the transport carried as tensors.
+        Bytes of every serialised request and reply envelope of the batches (frames of
+        activations, bit-packed labels, ``act_ref``, predictions, middle outputs, plus tensor
+        names, step ids and meta): what the transport carried, counted as the torch client
+        counts them (HELLO/WELCOME not included: see ``connect_ms``).
+    envelope_up, envelope_down:
+        The part of ``bytes_up`` / ``bytes_down`` that is not frames.
     bytes_up_fp32:
         ``bytes_up`` with each activation frame replaced by the fp32 frame of the same tensor
         (labels and ``act_ref`` unchanged): the traffic the same requests would cost uncompressed.
     bytes_probe:
-        Part of ``bytes_up`` spent on ``act_ref`` probe frames.
+        Part of ``bytes_up`` spent on ``act_ref`` probe frames (their envelope entries).
     ratio_up:
         ``(bytes_up_fp32 - bytes_probe) / (bytes_up - bytes_probe)``: how many times fewer
         bytes the codec sends (the fp32 probe copies, counted in both totals, left out).
@@ -123,6 +128,8 @@ class EdgeReport:
     bytes_down: int = 0
     bytes_up_fp32: int = 0
     bytes_probe: int = 0
+    envelope_up: int = 0
+    envelope_down: int = 0
     ratio_up: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_ms_total: dict[str, float] = field(default_factory=dict)
@@ -151,6 +158,8 @@ class _Totals:
     bytes_down: int = 0
     bytes_up_fp32: int = 0
     bytes_probe: int = 0
+    envelope_up: int = 0
+    envelope_down: int = 0
     correct: int = 0
     labelled: int = 0
     loss_sum: float = 0.0
@@ -238,6 +247,7 @@ class EdgeClient:
         self.seed = seed
         self.step = 0
         self.welcome: dict[str, Any] | None = None
+        self._last: _Exchange   # the last request and its wire bytes (set by _request)
 
     # ------------------------------------------------------------------ checks
     @property
@@ -316,7 +326,15 @@ class EdgeClient:
 
     def _request(self, kind: str, tensors: dict[str, bytes], **meta: Any) -> Message:
         message = Message(kind, self.session, self.name, self.step, tensors, self._meta(**meta))
+        up0, down0 = _wire_counters(self.transport)
         reply = self.transport.request(message)
+        up1, down1 = _wire_counters(self.transport)
+        # what went over the wire: the transport's own count of serialised envelopes (retries
+        # and compacted ids included), or the envelopes' size for a transport that keeps none
+        self._last = _Exchange(
+            message, reply,
+            up1 - up0 if up0 is not None and up1 is not None else wire_size(message),
+            down1 - down0 if down0 is not None and down1 is not None else wire_size(reply))
         self.step += 1
         return reply
 
@@ -429,6 +447,8 @@ class EdgeClient:
             bytes_down=t.bytes_down,
             bytes_up_fp32=t.bytes_up_fp32,
             bytes_probe=t.bytes_probe,
+            envelope_up=t.envelope_up,
+            envelope_down=t.envelope_down,
             # the fp32 probe copies measure the codec; they are not part of its ratio
             ratio_up=(t.bytes_up_fp32 - t.bytes_probe) / (t.bytes_up - t.bytes_probe)
             if t.bytes_up > t.bytes_probe else None,
@@ -456,7 +476,8 @@ class EdgeClient:
         ushape = self.bundle.config == "ushape"
         # ushape keeps its labels on the device: that is the point of the configuration
         if yb is not None and not ushape:
-            tensors["labels"] = encode_frame(yb.astype(self.bundle.label_dtype), "fp32")
+            # bit-packed, as the torch client sends them (10 classes: 4 bits a label)
+            tensors["labels"] = labels_frame(yb, self.bundle)
         probe = self.probe_every > 0 and index % self.probe_every == 0
         if probe:
             tensors["act_ref"] = encode_frame(act, "fp32")
@@ -484,13 +505,15 @@ class EdgeClient:
         t.seconds["network"] += t_network - t_encode
         t.seconds["decode"] += (end - t_network) - head_seconds
         t.seconds["total"] += end - start
-        up = sum(len(f) for f in tensors.values())
-        t.bytes_up += up
-        t.bytes_up_fp32 += up - len(act_frame) + fp32_frame_size(tuple(act.shape))
-        t.bytes_down += reply.tensor_bytes()
+        sent = self._last
+        t.bytes_up += sent.up
+        t.envelope_up += sent.up - sent.message.tensor_bytes()
+        t.bytes_up_fp32 += sent.up + _resized(sent.message, "act", fp32_frame_size(act.shape))
+        t.bytes_down += sent.down
+        t.envelope_down += sent.down - sent.reply.tensor_bytes()
         if probe:
             t.probes += 1
-            t.bytes_probe += len(tensors["act_ref"])
+            t.bytes_probe += -_resized(sent.message, "act_ref", None)
         if self.mode == "train":
             if yb is not None:
                 t.correct += int(reply.meta.get("correct", 0))
@@ -539,6 +562,38 @@ class EdgeClient:
                                 f"of {n} samples")
         return pred, head_seconds
 
+
+
+def labels_frame(y: np.ndarray, bundle: Bundle) -> bytes:
+    """Class ids as the torch client sends them: a frame of the bundle's label dtype, bit-packed
+    at ``ceil(log2(classes))`` bits when that is at most 8 (10 classes: 4 bits, not a byte)."""
+    bits = max(1, (bundle.num_classes - 1).bit_length())
+    return encode_frame(y.astype(bundle.label_dtype), "fp32", int_bits=bits if bits <= 8 else None)
+
+
+@dataclass
+class _Exchange:
+    """The last request, its reply and the wire bytes each took."""
+
+    message: Message
+    reply: Message
+    up: int
+    down: int
+
+
+def _wire_counters(transport: Transport) -> tuple[int | None, int | None]:
+    up = getattr(transport, "wire_bytes_up", None)
+    down = getattr(transport, "wire_bytes_down", None)
+    return (int(up) if up is not None else None, int(down) if down is not None else None)
+
+
+def _resized(message: Message, name: str, length: int | None) -> int:
+    """Bytes ``message``'s envelope gains with tensor ``name`` at ``length`` bytes (``None``:
+    without it; negative: it loses them)."""
+    tensors = {n: f for n, f in message.tensors.items() if n != name or length is not None}
+    if length is not None:
+        tensors[name] = bytes(length)
+    return wire_size(replace(message, tensors=tensors)) - wire_size(message)
 
 
 def _transport_counters(transport: Transport) -> tuple[int, int]:

@@ -48,7 +48,7 @@ from edgesplit.edge.bundle import (
     validate_manifest,
 )
 from edgesplit.edge.optim import Optimizer, make_optimizer
-from edgesplit.edge.runtime import EdgeClient, _progress
+from edgesplit.edge.runtime import EdgeClient, _Exchange, _progress, _resized, labels_frame
 from edgesplit.errors import ConfigError, ExportError, ProtocolError, TrainingDiverged
 from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
@@ -410,8 +410,9 @@ class TrainReport:
     accuracy: test accuracy after training (class ids from the server for the trained cut),
         ``None`` without test data.
     train_accuracy, loss: the server's accuracy and mean loss on the training batches.
-    bytes_up, bytes_down: lengths of every frame sent / received while training
-        (activations + labels up, gradients down); evaluation (``bytes_eval``) and splitfed
+    bytes_up, bytes_down: serialised envelopes sent / received while training (activation
+        and bit-packed label frames up, gradients down, with names, ids and meta), counted as
+        the torch client counts them; evaluation (``bytes_eval``) and splitfed
         weight averaging (``bytes_weights``) are counted apart.
     latency_ms: mean ms per step: forward, encode, network, decode, backward, update, total.
     peak_rss_mib: peak resident memory of this process.
@@ -566,13 +567,14 @@ class EdgeTrainer(EdgeClient):
         t1 = time.perf_counter()
         tensors = {"act": encode_frame(cut, self.codec)}
         if yb is not None and self.model.head is None:   # ushape labels stay on the device
-            tensors["labels"] = encode_frame(yb.astype(self.bundle.label_dtype), "fp32")
+            tensors["labels"] = labels_frame(yb, self.bundle)   # bit-packed
         extra = {"ids": ids_digest(ids)} if self.bundle.feature_block is not None and \
             ids is not None else {}
         t2 = time.perf_counter()
         step = self.step
         reply = expect(self._request(Kind.FORWARD, tensors, train=True, want_grad=True, **extra),
                        Kind.GRADIENT, Kind.MIDDLE)
+        self._count(self._last, "act", cut.shape)
         head_grads: list[np.ndarray] = []
         if self.model.head is not None:
             reply, head_grads, result = self._ushape_head(reply, yb, step, tensors, s)
@@ -597,10 +599,6 @@ class EdgeTrainer(EdgeClient):
                             strict=True):
             s[part] += dt
         s["total"] += t6 - t0
-        up = sum(len(f) for f in tensors.values())
-        self._bytes["up"] += up
-        self._bytes["up_fp32"] += up - len(tensors["act"]) + fp32_frame_size(tuple(cut.shape))
-        self._bytes["down"] += reply.tensor_bytes()
         if self.model.head is not None:
             return result
         meta = reply.meta
@@ -629,11 +627,9 @@ class EdgeTrainer(EdgeClient):
         head_grads, grad_mid = self.model.head_backward(residuals, grad_logits)
         frame = encode_frame(np.ascontiguousarray(grad_mid, dtype=np.float32), self.grad_codec)
         seconds["backward"] += time.perf_counter() - t0
-        self._bytes["down"] += reply.tensor_bytes()
-        self._bytes["up"] += len(frame)
-        self._bytes["up_fp32"] += fp32_frame_size(tuple(grad_mid.shape))
         self.step = step   # MIDDLE_GRAD answers the FORWARD of the same step
         second = expect(self._request(Kind.MIDDLE_GRAD, {"grad": frame}), Kind.GRADIENT)
+        self._count(self._last, "grad", grad_mid.shape)
         correct = int((logits.argmax(axis=1) == yb).sum())
         return second, head_grads, (loss, correct, len(yb))
 
@@ -731,8 +727,14 @@ class EdgeTrainer(EdgeClient):
                 raise ProtocolError(f"averaged {name} has shape {value.shape}, expected "
                                     f"{self.model.params[i].shape}")
             self.model.params[i] = np.array(value)
-        self._bytes["weights"] = self._bytes.get("weights", 0) + sum(
-            len(f) for f in frames.values()) + reply.tensor_bytes()
+        self._bytes["weights"] = self._bytes.get("weights", 0) + self._last.up + self._last.down
+
+    def _count(self, sent: _Exchange, name: str, shape: tuple[int, ...]) -> None:
+        """Training traffic of one exchange: its wire bytes both ways, and the request as it
+        would be with tensor ``name`` (of ``shape``) as an fp32 frame."""
+        self._bytes["up"] += sent.up
+        self._bytes["up_fp32"] += sent.up + _resized(sent.message, name, fp32_frame_size(shape))
+        self._bytes["down"] += sent.down
 
     def epoch_order(self, n: int, epoch: int) -> np.ndarray:
         """Sample order of ``epoch`` (shuffled, deterministic in seed and epoch; vertical
@@ -775,5 +777,5 @@ class EdgeTrainer(EdgeClient):
                 raise ProtocolError(f"server answered {tuple(pred.shape)} predictions for "
                                     f"{len(xb)} samples")
             correct += int((pred == y[s:s + batch_size]).sum())
-            self._bytes["eval"] += sum(len(f) for f in tensors.values()) + reply.tensor_bytes()
+            self._bytes["eval"] += self._last.up + self._last.down
         return correct / max(len(x), 1), len(x)
