@@ -247,6 +247,30 @@ def measure(
     }
 
 
+def table(lines: list[dict[str, Any]]) -> str:
+    """The JSON lines of a run as one markdown table (docs/models.md)."""
+    head = (
+        "| model | input | cut | cut shape | client MFLOPs | client.onnx KiB | parity max abs "
+        "(÷ max \\|cut\\|) | torch ms | ORT ms | ORT peak RSS MiB (+ model) | torch peak RSS "
+        "MiB (+ model) | B/sample fp32 | q8+zstd | q4+zstd | bottleneck 16:2 (fq:2) |"
+    )
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in lines:
+        b = r["bytes_per_sample"]
+        bottleneck = next((v for k, v in b.items() if k.startswith("bottleneck")), None)
+        rows.append(
+            f"| {r['model']} | {r['input'][1]}×{r['input'][2]} | {r['cut']} | "
+            f"{'×'.join(map(str, r['cut_shape']))} | {r['client_mflops']:g} | "
+            f"{r['onnx_bytes'] / 1024:.0f} | {r['parity_max_abs']:.1e} "
+            f"({r['parity_rel_to_scale']:.1e}) | {r['torch_ms']:.2f} | {r['ort_ms']:.2f} | "
+            f"{r['ort_rss_mb']:.0f} (+{r['ort_rss_increase_mb']:.0f}) | "
+            f"{r['torch_rss_mb']:.0f} (+{r['torch_rss_increase_mb']:.0f}) | {b['fp32']:.0f} | "
+            f"{b['q8+zstd']:.0f} | {b['q4+zstd']:.0f} | "
+            f"{'' if bottleneck is None else f'{bottleneck:.0f}'} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -254,8 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuts", default=None, help="only these cuts (comma-separated)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4, help="samples the byte counts average")
+    parser.add_argument("--table", metavar="JSONL", help="print a run's JSON lines as markdown")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table:
+        text = Path(args.table).read_text(encoding="utf-8")
+        print(table([json.loads(line) for line in text.splitlines() if line.startswith("{")]))
+        return 0
     if args.child:
         kind, *rest = args.child
         if kind == "ort":
