@@ -140,3 +140,16 @@ def test_hello_meta_is_not_kept():
     huge = server.handle(Message(Kind.HELLO, "t", "alice", 0, meta={"codec": "q8" * 100_000}))
     assert huge.kind == Kind.ERROR and huge.meta["code"] == "INVALID_ARGUMENT"
     assert server.table.count("alice") == 1
+
+
+def test_a_reply_too_large_to_keep_is_sent_once_and_its_resend_refused_not_reapplied():
+    limits = RecordLimits(client_bytes=8_000, total_bytes=1 << 20)
+    server = _vanilla(width=1024, record_limits=limits)
+    message = _forward("alice", "s", 1, width=1024)  # a 16 KiB gradient reply
+    assert server.handle(message).kind == Kind.GRADIENT
+    assert server.held_bytes("alice") == SESSION_OVERHEAD  # the reply was not kept
+    again = server.handle(message)
+    assert again.kind == Kind.ERROR and again.meta["code"] == "FAILED_PRECONDITION"
+    assert "no longer kept" in again.meta["message"] and "step 2" in again.meta["message"]
+    assert server.steps_applied == 1
+    assert server.handle(_forward("alice", "s", 2, width=1024)).kind == Kind.GRADIENT
