@@ -23,6 +23,7 @@ from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
 from edgesplit.transport.envelope import wire_size
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
+from edgesplit.wire.labels import PACKED_LABELS, pack_labels
 from edgesplit.wire.messages import Kind, Message, expect, ids_digest
 
 
@@ -45,6 +46,16 @@ class StepResult:
     n: int
 
 
+def _reported(meta: dict[str, Any], batch: int) -> StepResult:
+    """The server's report in a GRADIENT reply: mean loss and correct count over ``n`` samples
+    (the steps since its previous report; ``n`` defaults to this batch), or nothing (``n = 0``)."""
+    if "loss" not in meta:
+        return StepResult(0.0, 0, 0)
+    return StepResult(
+        float(meta["loss"]), int(meta.get("correct", 0)), int(meta.get("n", batch))
+    )
+
+
 @dataclass
 class SplitClient:
     """Client of vanilla, splitfed and vertical training (and of ushape with ``head`` set).
@@ -60,6 +71,8 @@ class SplitClient:
     party, parties, group: vertical only — this party's index, the party count and the id that
         groups the parties of one run on the server.
     send_labels: vanilla/splitfed/vertical label holder sends labels with its activations.
+    packed_labels: send them as bare packed class ids (tensor ``y``, no frame header: the
+        server knows the class count and the batch) — set when the server offers it.
     measure_snr: decode a private copy of each activation frame to measure distortion.
     """
 
@@ -76,6 +89,7 @@ class SplitClient:
     parties: int | None = None
     group: str = ""
     send_labels: bool = True
+    packed_labels: bool = False
     measure_snr: bool = True
     #: Per-sample cut shape without the bottleneck: fp32 reference counts use it (``None``:
     #: the shape of what is sent).
@@ -145,9 +159,18 @@ class SplitClient:
 
     # ------------------------------------------------------------------ training
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor | None, ids: np.ndarray | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        ids: np.ndarray | None = None,
+        *,
+        report: bool = True,
     ) -> StepResult:
-        """One step: forward the lower segment, exchange with the server, apply the gradient."""
+        """One step: forward the lower segment, exchange with the server, apply the gradient.
+
+        ``report``: ask the server for the loss and correct count of this session's steps since
+        its last report (a trainer asks once an epoch: per step they would cost the down-link
+        a byte a sample at 100×). Steps without a report return ``n = 0``."""
         self.step += 1
         self.lower.train()
         act = self.lower(x)
@@ -161,9 +184,14 @@ class SplitClient:
         tensors = self._with_model({"act": frame})
         fp32 = {"act": fp32_frame_size(self._reference(act))}
         if self.head is None and self.send_labels and y is not None:
-            tensors["labels"] = encode_labels(y, self.num_classes)
+            if self.packed_labels:
+                tensors[PACKED_LABELS] = pack_labels(y.numpy(), self.num_classes)
+            else:
+                tensors["labels"] = encode_labels(y, self.num_classes)
         # a training step wants the cut gradient back: the protocol's default, not sent
         meta: dict[str, Any] = {"ids": ids_digest(ids)} if ids is not None else {}
+        if report:
+            meta["report"] = True
         reply = expect(
             self._send(Kind.FORWARD, tensors, fp32, **meta),
             Kind.GRADIENT,
@@ -175,12 +203,7 @@ class SplitClient:
         grad = self.grad.decode(reply.frame("grad"))
         self._count_down_fp32(reply, "grad", self._reference(act))
         self._apply(x, act, grad)
-        meta = reply.meta
-        return StepResult(
-            float(meta.get("loss", float("nan"))),
-            int(meta.get("correct", 0)),
-            int(meta.get("n", len(x))),
-        )
+        return _reported(reply.meta, len(x))
 
     def _reference(self, act: torch.Tensor) -> tuple[int, ...]:
         """Shape of the fp32 reference of ``act``: the cut without the bottleneck."""

@@ -326,6 +326,7 @@ class _Run:
                 self.party_x(data.x_train[rows], i),
                 torch.from_numpy(data.y_train[rows]),
                 ids=rows if spec.config == "vertical" else None,
+                report=rows is plans[i][-1],  # the server's loss and accuracy, once an epoch
             )
 
         if spec.config in ("vanilla", "ushape"):

@@ -23,6 +23,7 @@ from edgesplit.train.client import SplitClient
 from edgesplit.train.engine import build_split, client_rows, epoch_plan
 from edgesplit.train.spec import TrainSpec
 from edgesplit.transport.base import Transport
+from edgesplit.wire.labels import PACKED_LABELS
 from edgesplit.wire.messages import Kind, Message, expect
 
 
@@ -108,6 +109,8 @@ def train_remote(
         parties=n_clients if spec.config == "vertical" else None,
         group=str(welcome.get("group", "")),
         send_labels=spec.config != "vertical" or index == 0,
+        # a server that reads bare packed labels says so in its WELCOME
+        packed_labels=welcome.get("labels") == PACKED_LABELS,
         session=session,
         reference_shape=parts.reference_shapes[index if spec.config == "vertical" else 0],
     )
@@ -137,6 +140,7 @@ def train_remote(
                 view(data.x_train[rows]),
                 torch.from_numpy(data.y_train[rows]),
                 ids=rows if spec.config == "vertical" else None,
+                report=rows is plan[-1],  # the server's loss and accuracy, once an epoch
             )
             for rows in plan
         ]
