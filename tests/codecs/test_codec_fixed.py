@@ -58,7 +58,7 @@ def test_torch_quantizer_passes_gradients_straight_through() -> None:
 
 def test_training_rounds_on_some_steps_and_adds_bounded_noise_on_the_others() -> None:
     torch.manual_seed(0)
-    quantizer = FixedRangeQuantizer(2).train()
+    quantizer = FixedRangeQuantizer(2).train()  # (1 bit always rounds)
     x = torch.rand(64, 8)
     rounded = FixedRangeQuantizer(2).eval()(x)
     kinds = set()
