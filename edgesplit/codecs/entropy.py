@@ -83,6 +83,16 @@ class EntropyModel:
         p = self.probabilities()
         return float(-(p * np.log2(p)).sum(axis=1).mean())
 
+    def coded_bits(self, counts: np.ndarray) -> float:
+        """Bits the coder spends on codes with these per-channel ``counts`` under this model
+        (their cross-entropy, which the range coder reaches to within a few bytes a frame)."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != self.freqs.shape:
+            raise CodecError(
+                f"code counts of shape {counts.shape} do not fit a model of {self.freqs.shape}"
+            )
+        return float(-(counts * np.log2(self.probabilities())).sum())
+
     @classmethod
     def fit(cls, counts: np.ndarray) -> EntropyModel:
         """A model from per-channel code counts (``(channels, codes)``), add-one smoothed so no

@@ -88,12 +88,20 @@ class TensorCodec:
 
     def refit(self) -> EntropyModel | None:
         """Fit an entropy model on the codes counted since the last refit and encode with it
-        from now on; ``None`` when this codec learns no model or nothing was counted."""
+        from now on; ``None`` when this codec learns no model, nothing was counted, or the new
+        model would not pay for itself: sending it costs its frame, and it is kept only if it
+        codes the counted codes (the next epoch's, presumably alike) in fewer bytes than that
+        less than the current model does."""
         value = self.codec.value
         if self.counts is None or not (isinstance(value, FixedRange) and value.ans):
             return None
-        model = EntropyModel.fit(self.counts)
-        self.counts = None
+        counts, self.counts = self.counts, None
+        model = EntropyModel.fit(counts)
+        current = self.models.get(value.model_id) if value.model_id else None
+        if current is not None and current.freqs.shape == model.freqs.shape:
+            saved_bytes = (current.coded_bits(counts) - model.coded_bits(counts)) / 8
+            if saved_bytes <= len(encode_frame(model.freqs, "fp32")):
+                return None
         self.models.add(model)
         self.codec = Codec((value.with_model(model.model_id),), rng=self.codec.rng)
         return model
