@@ -449,7 +449,13 @@ class SplitServer:
                             message.client,
                             reply.tensor_bytes(),
                         )
-                    self.admission.observe(self.spec, handoffs=self.handoffs, rounds=self.rounds)
+                    self.admission.observe(
+                        self.spec,
+                        turn_based=self.rules.turn_based,
+                        federated=self.rules.federated,
+                        handoffs=self.handoffs,
+                        rounds=self.rounds,
+                    )
                     if self.on_applied is not None:
                         self.on_applied()
         finally:
@@ -600,7 +606,7 @@ class SplitServer:
     def schedule(self) -> SplitFedSchedule | None:
         """The fixed order of splitfed steps, when this is a splitfed run of known size."""
         expected = self.expected_clients()
-        if self.config != "splitfed" or not expected:
+        if not self.rules.federated or not expected:
             return None
         if self._schedule is None or self._schedule.clients != expected:
             self._schedule = SplitFedSchedule(expected)

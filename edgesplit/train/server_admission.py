@@ -61,15 +61,17 @@ class RunAdmission:
         if expected is not None and len(self.done) >= expected:
             self.finish(f"all {expected} client(s) said BYE")
 
-    def observe(self, spec: dict[str, Any], *, handoffs: int, rounds: int) -> None:
-        """End the run when its schedule says it is over."""
+    def observe(
+        self, spec: dict[str, Any], *, turn_based: bool, federated: bool, handoffs: int, rounds: int
+    ) -> None:
+        """End the run when its schedule says it is over (the configuration's rules say which
+        schedule it follows)."""
         clients, epochs = _expected_clients(spec), spec.get("epochs")
         if clients is None or not isinstance(epochs, int) or isinstance(epochs, bool):
             return
-        config = spec.get("config")
-        if config in ("vanilla", "ushape") and clients > 1 and handoffs >= epochs * clients:
+        if turn_based and clients > 1 and handoffs >= epochs * clients:
             self.finish(f"{handoffs} hand-offs: {epochs} epoch(s) of {clients} clients")
-        if config == "splitfed" and rounds >= epochs:
+        if federated and rounds >= epochs:
             self.finish(f"{rounds} FedAvg round(s) of {epochs}")
 
     def finish(self, why: str) -> None:

@@ -5,8 +5,8 @@ it runs outside the server lock and changes nothing. :meth:`StepRules.apply` run
 in the same critical section that records the reply, so the step counters, the record and a
 checkpoint taken right after always agree.
 
-* :class:`VanillaRules` (``vanilla``, ``splitfed``): the server holds the upper layers and the
-  labels' loss.
+* :class:`VanillaRules` (``vanilla``) and :class:`SplitFedRules` (``splitfed``): the server
+  holds the upper layers and the labels' loss.
 * :class:`UShapeRules`: the server holds the middle; a FORWARD keeps its graph until the
   client's MIDDLE_GRAD. Each pending forward runs on its own snapshot of the weights, so two
   sessions may interleave (a step of one does not invalidate the other's graph); the other's
@@ -56,6 +56,12 @@ class StepRules:
     logits: ClassVar[bool] = True
     #: FORWARD changes the weights (so it is recorded and never applied twice).
     forward_applies: ClassVar[bool] = True
+    #: Several clients train in turn, handing the lower layers on (SplitNN's schedule): the
+    #: run is over after ``epochs × clients`` hand-offs.
+    turn_based: ClassVar[bool] = False
+    #: Clients train in parallel and average their lower layers each round (FedAvg): steps
+    #: are applied in a fixed order and the run is over after ``epochs`` rounds.
+    federated: ClassVar[bool] = False
 
     def prepare(self, host: SplitServer, message: Message, session: Session | None) -> Batch:
         """Decode and check ``message`` (outside the lock; changes nothing)."""
@@ -128,6 +134,7 @@ class VanillaRules(StepRules):
     """``vanilla`` and ``splitfed``: the server's upper layers end in the loss."""
 
     name = "vanilla"
+    turn_based = True
 
     def apply_forward(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
@@ -160,6 +167,14 @@ class VanillaRules(StepRules):
         return Message(Kind.GRADIENT, message.session, message.client, message.step, tensors, meta)
 
 
+class SplitFedRules(VanillaRules):
+    """``splitfed``: vanilla steps, clients in parallel, lower layers averaged each round."""
+
+    name = "splitfed"
+    turn_based = False
+    federated = True
+
+
 @dataclass
 class _Pending:
     """A ushape forward waiting for its MIDDLE_GRAD: its graph and the weights it ran on."""
@@ -173,6 +188,7 @@ class UShapeRules(StepRules):
     """``ushape``: the server holds the middle; labels and logits stay on the client."""
 
     name = "ushape"
+    turn_based = True
     logits = False
     forward_applies = False  # the step is applied by MIDDLE_GRAD
 
@@ -392,7 +408,7 @@ class VerticalRules(StepRules):
 #: The step rules of each configuration name.
 RULES: dict[str, type[StepRules]] = {
     "vanilla": VanillaRules,
-    "splitfed": VanillaRules,
+    "splitfed": SplitFedRules,
     "ushape": UShapeRules,
     "vertical": VerticalRules,
 }
