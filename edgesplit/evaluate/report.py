@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgesplit.evaluate import privacy_report
+from edgesplit.evaluate import privacy_report, recommend
 from edgesplit.jsonable import as_number as _num
 
 #: Output file names, in ``--out``.
@@ -285,12 +285,19 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         "throughput (x3 when training: forward + backward) + encode + (frame + protocol "
         "overhead) bytes / uplink + RTT + server FLOPs / server throughput + decode + "
         "downlink (gradients when training, predictions when inferring) + the duty-cycle "
-        "off-time on duty-cycled links when training. Encode/decode are measured on this "
-        f"machine and scaled by host/device effective fp32 throughput (host profile "
-        f"`{(doc.get('host') or {}).get('name', '?')}`, server profile "
-        f"`{(doc.get('server') or {}).get('name', '?')}`). A frame over the link's "
-        "maximum payload is infeasible: fragmentation is not modelled. Per-call "
-        "overheads are not modelled. Profiles and their sources: `devices/`.",
+        "off-time on duty-cycled links when training. **Encode/decode in the "
+        "recommendations and the latency plot are modelled, not measured**: each codec "
+        "stage's work per cut element (per byte for zstd) in fp32-FLOP equivalents, "
+        "calibrated once with `python bench/codecs.py` (constants and their derivation: "
+        "`edgesplit.evaluate.latency.CODEC_OPS`), divided by the effective fp32 throughput "
+        "of the device that runs it (encode: the client, decode: the server profile "
+        f"`{(doc.get('server') or {}).get('name', '?')}`). So a recommendation depends on "
+        "accuracy, bytes and profiles only, never on how busy this machine was during the "
+        "sweep. The encode/decode times in the results table are what this machine "
+        f"measured (host profile `{(doc.get('host') or {}).get('name', '?')}`), for "
+        "reference. A frame over the link's maximum payload is infeasible: fragmentation "
+        "is not modelled. Per-call overheads are not modelled. Profiles and their sources: "
+        "`devices/`.",
         "",
     ]
 
@@ -761,13 +768,13 @@ def _fit_labels(fig: Any, ax: Any, labels: Sequence[tuple[Any, float]]) -> None:
 def _breakdown(
     rows: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None
 ) -> Mapping[str, Any] | None:
+    """The breakdown the recommendation ``rec`` was ranked by (codec time modelled)."""
     if not rec or not rec.get("found") or rec.get("row") is None:
         return None
     i = int(rec["row"])
     if not 0 <= i < len(rows):
         return None
-    lat = rows[i].get("latency") or {}
-    return (lat.get(rec.get("device")) or {}).get(rec.get("link"))
+    return recommend.ranked_latency(rows[i], str(rec.get("device")), str(rec.get("link")))
 
 
 def _figure(w: float, h: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:

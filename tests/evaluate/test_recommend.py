@@ -10,13 +10,23 @@ from edgesplit.evaluate.recommend import recommend, reference_accuracy, within_b
 
 
 def _lat(total: float | None, reason: str = "", frame: int = 100) -> dict:
-    return {"total_ms": total, "feasible": total is not None, "reason": reason,
-            "frame_bytes_up": frame}
+    return {
+        "total_ms": total,
+        "feasible": total is not None,
+        "reason": reason,
+        "frame_bytes_up": frame,
+    }
 
 
 def _row(cut: str, codec: str, acc: float, nbytes: float, lat: dict) -> dict:
-    return {"cut": cut, "codec": codec, "grad_codec": "fp32", "accuracy_mean": acc,
-            "bytes_per_sample": nbytes, "latency": lat}
+    return {
+        "cut": cut,
+        "codec": codec,
+        "grad_codec": "fp32",
+        "accuracy_mean": acc,
+        "bytes_per_sample": nbytes,
+        "latency": lat,
+    }
 
 
 ROWS = [
@@ -49,7 +59,7 @@ def test_latency_objective_within_budget() -> None:
     assert "lowest latency" in wifi.reason
     # on LoRa everything within budget is infeasible: no recommendation, and why
     assert not lora.found and lora.codec is None
-    assert "infeasible" in lora.reason and "frame 140 B" in lora.reason   # the smallest one
+    assert "infeasible" in lora.reason and "frame 140 B" in lora.reason  # the smallest one
 
 
 def test_bytes_objective() -> None:
@@ -60,15 +70,17 @@ def test_bytes_objective() -> None:
 
 def test_a_wider_budget_admits_more() -> None:
     wifi, lora = recommend(ROWS, ["pi"], ["wifi", "lora"], max_drop=20.0)
-    assert (wifi.cut, wifi.codec) == ("b", "q8")        # 5 ms, 5.1 points below
-    assert (lora.cut, lora.codec) == ("a", "q1")        # the only feasible one on LoRa
+    assert (wifi.cut, wifi.codec) == ("b", "q8")  # 5 ms, 5.1 points below
+    assert (lora.cut, lora.codec) == ("a", "q1")  # the only feasible one on LoRa
     for rec in (wifi, lora):
         assert rec.drop_points <= 20.0
 
 
 def test_nothing_within_budget_says_so() -> None:
-    rows = [_row("a", "fp32", 0.95, 1000, {"pi": {"wifi": _lat(None, "no memory")}}),
-            _row("a", "q1", 0.5, 40, {"pi": {"wifi": _lat(3.0)}})]
+    rows = [
+        _row("a", "fp32", 0.95, 1000, {"pi": {"wifi": _lat(None, "no memory")}}),
+        _row("a", "q1", 0.5, 40, {"pi": {"wifi": _lat(3.0)}}),
+    ]
     (rec,) = recommend(rows, ["pi"], ["wifi"], max_drop=0.5)
     assert not rec.found
     assert "infeasible" in rec.reason and "no memory" in rec.reason
@@ -85,3 +97,107 @@ def test_bad_arguments() -> None:
         recommend(ROWS, ["pi"], ["wifi"], max_drop=1.0, objective="joules")
     with pytest.raises(ConfigError, match="max-drop"):
         recommend(ROWS, ["pi"], ["wifi"], max_drop=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendations do not depend on how busy the host was
+
+
+def _timed_rows(seed: int) -> list[dict]:
+    """Rows with fixed accuracy, bytes and FLOPs whose *measured* encode/decode times are
+    random (as on a host whose load changes): seed picks the timings, nothing else."""
+    import random
+
+    from edgesplit.devices import load_device, load_link
+    from edgesplit.evaluate import latency
+
+    rng = random.Random(seed)
+    server = load_device("server-cpu")
+    rows = []
+    for cut, elements in (("relu1", 128), ("relu2", 64)):
+        for codec, frac, acc in (
+            ("fp32", 1.0, 0.96),
+            ("q8+zstd", 0.27, 0.958),
+            ("q4+zstd", 0.14, 0.955),
+            ("q2+zstd", 0.08, 0.951),
+            ("topk:0.1+q8+zstd", 0.05, 0.952),
+        ):
+            up, down = 4 * elements * frac + 20, 4 * elements + 20
+            row = {
+                "cut": cut,
+                "codec": codec,
+                "grad_codec": "fp32",
+                "accuracy_mean": acc,
+                "bytes_per_sample": up + down,
+                "cut_elements": elements,
+                "latency": {},
+            }
+            for d in ("rpi4", "jetson-nano", "rpi5"):
+                row["latency"][d] = {}
+                for lk in ("wifi", "lte", "5g", "ble"):
+                    b = latency.estimate(
+                        client_flops=16512 * elements / 128,
+                        server_flops=17728,
+                        batch_size=32,
+                        bytes_up=32 * up,
+                        bytes_down=32 * down,
+                        device=load_device(d),
+                        link=load_link(lk),
+                        server=server,
+                        host=server,
+                        encode_s=rng.uniform(1e-5, 2e-2),
+                        decode_s=rng.uniform(1e-5, 2e-2),
+                    )
+                    row["latency"][d][lk] = b.to_json()
+            rows.append(row)
+    return rows
+
+
+def test_recommendations_ignore_measured_codec_times() -> None:
+    from edgesplit.evaluate.recommend import recommend
+
+    args = (["rpi4", "jetson-nano", "rpi5"], ["wifi", "lte", "5g", "ble"])
+    calm, busy = _timed_rows(1), _timed_rows(2)
+    # the measured timings really differ, and alone they would rank differently
+    assert (
+        calm[0]["latency"]["rpi4"]["wifi"]["total_ms"]
+        != (busy[0]["latency"]["rpi4"]["wifi"]["total_ms"])
+    )
+    first = [r.to_json() for r in recommend(calm, *args, max_drop=1.0)]
+    second = [r.to_json() for r in recommend(busy, *args, max_drop=1.0)]
+    assert first == second
+    assert all(r["found"] for r in first)
+    assert {r["codec"] for r in first} != {None}
+
+
+def test_ranked_latency_uses_the_codec_model() -> None:
+    from edgesplit.evaluate.latency import CODEC_OPS
+    from edgesplit.evaluate.recommend import ranked_latency
+
+    row = _timed_rows(3)[1]  # relu1, q8+zstd, 128 elements
+    lat = ranked_latency(row, "rpi4", "wifi")
+    assert lat is not None and lat["codec_time"] == "model"
+    measured = row["latency"]["rpi4"]["wifi"]
+    # by hand: 32 samples x 128 elements; q8 per element, zstd per byte (1 B a value), on
+    # rpi4's effective fp32 GFLOPS (encode) and the server's (decode)
+    n = 32 * 128
+    encode_ops = n * CODEC_OPS["q"][0] + n * 1.0 * CODEC_OPS["zstd"][0]
+    assert lat["encode_ms"] == pytest.approx(
+        encode_ops / (measured["device_gflops_fp32"] * 1e9) * 1e3
+    )
+    decode_ops = n * CODEC_OPS["q"][1] + n * 1.0 * CODEC_OPS["zstd"][1]
+    assert lat["decode_ms"] == pytest.approx(
+        decode_ops / (measured["server_gflops_fp32"] * 1e9) * 1e3
+    )
+    others = sum(
+        measured[k]
+        for k in (
+            "client_compute_ms",
+            "uplink_ms",
+            "rtt_ms",
+            "server_ms",
+            "downlink_ms",
+            "duty_cycle_wait_ms",
+        )
+    )
+    assert lat["total_ms"] == pytest.approx(others + lat["encode_ms"] + lat["decode_ms"])
