@@ -118,13 +118,11 @@ def exported(request, images, tmp_path_factory) -> tuple[str, Exported, dict]:
     # mode a BN layer then subtracts a large running mean from a large convolution output, and
     # fp32 kernels that fold BN into the convolution (ORT) round that cancellation differently
     # (measured up to 5e-5 of the cut's largest value for MobileNetV2, 2e-7 for ResNet-18;
-    # both below 1e-6 with fresh statistics). The absolute tolerance is scaled to the cut:
-    # a wrong graph would be off by the order of the scale itself.
-    samples = trained.dataset.x_train
-    with torch.no_grad():
-        scale = float(model.lowers[0].eval()(torch.from_numpy(samples)).abs().max())
+    # both below 1e-6 with fresh statistics). The parity check scales atol by the cut's
+    # largest value; 1e-4 of it (not the default 1e-5) covers that, and a wrong graph would be
+    # off by the order of the scale itself.
     report = export_bundle(
-        model, root / "bundle", ExportOptions(name=name, batch_sizes=(1, 3), atol=1e-4 * scale)
+        model, root / "bundle", ExportOptions(name=name, batch_sizes=(1, 3), atol=1e-4)
     )
     return name, Exported(ckpt, report.bundle, images, trained.dataset.x_test), report.manifest
 
