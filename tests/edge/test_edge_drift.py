@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -129,3 +132,43 @@ def test_invalid_ranges_are_refused_on_load(vanilla, tmp_path, change, message):
         read_manifest(copy / MANIFEST_FILE)
     with pytest.raises(ConfigError, match=message):
         load_bundle(copy)
+
+
+def test_the_edge_cli_says_it_once_in_stderr(vanilla, serve, token, tmp_path):
+    """``edgesplit client`` on inputs ×16: one warning line, the run still completes."""
+    served = serve(vanilla)
+    npz = tmp_path / "x16.npz"
+    np.savez(
+        npz,
+        x=vanilla.x_train * 16,
+        y=vanilla.y_train,
+        x_test=vanilla.x_test * 16,
+        y_test=vanilla.y_test,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgesplit.cli.main",
+            "client",
+            "--bundle",
+            str(vanilla.bundle),
+            "--server",
+            served.address,
+            "--token",
+            token,
+            "--data",
+            str(npz),
+            "--mode",
+            "infer",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    drift_lines = [line for line in done.stderr.splitlines() if "input drift" in line]
+    assert len(drift_lines) == 1, done.stderr
+    assert json.loads(done.stdout)["samples"] == len(vanilla.x_test)
