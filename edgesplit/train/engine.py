@@ -23,7 +23,13 @@ from torch import nn
 from edgesplit.codecs.entropy import models_to_json
 from edgesplit.data import Dataset, iid_shard_indices, load_dataset
 from edgesplit.errors import ConfigError, TrainingDiverged
-from edgesplit.models import DEFAULT_CUTS, DEFAULT_USHAPE_CUTS, build_model, family_of
+from edgesplit.models import (
+    DEFAULT_BOTTLENECK_CUTS,
+    DEFAULT_CUTS,
+    DEFAULT_USHAPE_CUTS,
+    build_model,
+    family_of,
+)
 from edgesplit.split.bottleneck import BottleneckSpec, with_decoder, with_encoder
 from edgesplit.split.cut import check_chain, cut_model, cut_ushape, parse_cuts
 from edgesplit.split.defense import parse_defense
@@ -138,7 +144,12 @@ def resolve_cuts(spec: TrainSpec, input_shape: tuple[int, ...]) -> tuple[str, ..
     family = family_of(spec.model, input_shape)
     default = None
     if family is not None:
-        default = DEFAULT_USHAPE_CUTS[family] if spec.config == "ushape" else DEFAULT_CUTS[family]
+        if spec.config == "ushape":
+            default = DEFAULT_USHAPE_CUTS[family]
+        elif spec.bottleneck:
+            default = DEFAULT_BOTTLENECK_CUTS[family]
+        else:
+            default = DEFAULT_CUTS[family]
     return parse_cuts(spec.cut, spec.config, default)
 
 

@@ -176,3 +176,15 @@ def test_rate_penalty_lowers_the_code_entropy_estimate_after_warm_up() -> None:
     module.eval()
     module(x)
     assert rate_loss(module) is None  # never at inference
+
+
+def test_a_bottleneck_goes_after_the_feature_extractor_by_default() -> None:
+    from edgesplit.train.engine import resolve_cuts
+    from edgesplit.train.spec import TrainSpec
+
+    image = (1, 8, 8)
+    assert resolve_cuts(TrainSpec(data="digits_images"), image) == ("pool1",)
+    assert resolve_cuts(TrainSpec(data="digits_images", bottleneck="16:2"), image) == ("flatten",)
+    assert resolve_cuts(TrainSpec(bottleneck="16:2"), (64,)) == ("relu1",)
+    # a cut the user names wins
+    assert resolve_cuts(TrainSpec(cut="relu2", bottleneck="16:2"), image) == ("relu2",)
