@@ -139,25 +139,43 @@ def input_ranges(
             "samples": 0,
             "basis": f"mean ± {RANGE_SIGMAS:g} std of the input standardization",
         }
-    x64 = np.asarray(x, dtype=np.float64)
-    if x64.ndim < 2 or not len(x64):
-        raise ValueError(f"input ranges need rows (N, *sample_shape), got shape {x64.shape}")
-    finite = np.where(np.isfinite(x64), x64, np.nan)
-    axes = stats_axes(tuple(x64.shape[1:]))
-    lo = np.nanmin(finite, axis=axes, keepdims=True)[0]
-    hi = np.nanmax(finite, axis=axes, keepdims=True)[0]
+    rows = np.asarray(x)
+    if rows.ndim < 2 or not len(rows):
+        raise ValueError(f"input ranges need rows (N, *sample_shape), got shape {rows.shape}")
+    axes = stats_axes(tuple(rows.shape[1:]))
+    # in chunks of ~16M values: a float64 copy of a whole image dataset would not fit in memory
+    step = max(1, (1 << 24) // max(1, int(np.prod(rows.shape[1:]))))
+    lo = hi = total = squares = count = None
+    for start in range(0, len(rows), step):
+        chunk = np.asarray(rows[start : start + step], dtype=np.float64)
+        finite = np.isfinite(chunk)  # NaN and inf rows say nothing about the range
+        parts = (
+            np.min(np.where(finite, chunk, np.inf), axis=axes, keepdims=True)[0],
+            np.max(np.where(finite, chunk, -np.inf), axis=axes, keepdims=True)[0],
+            np.sum(np.where(finite, chunk, 0.0), axis=axes, keepdims=True)[0],
+            np.sum(np.where(finite, chunk, 0.0) ** 2, axis=axes, keepdims=True)[0],
+            np.sum(finite, axis=axes, keepdims=True)[0],
+        )
+        if lo is None or hi is None or total is None or squares is None or count is None:
+            lo, hi, total, squares, count = parts
+        else:
+            lo, hi = np.minimum(lo, parts[0]), np.maximum(hi, parts[1])
+            total, squares, count = total + parts[2], squares + parts[3], count + parts[4]
+    if lo is None or hi is None or total is None or squares is None or count is None:
+        raise ValueError("input ranges need at least one row")  # unreachable: len(rows) > 0
     if layer is not None:
         mean, std = layer.mean.numpy().astype(np.float64), layer.std.numpy().astype(np.float64)
     else:
-        mean = np.nanmean(finite, axis=axes, keepdims=True)[0]
-        std = np.nanstd(finite, axis=axes, keepdims=True)[0]
-    arrays = [np.nan_to_num(a, nan=0.0) for a in (lo, hi, mean, std)]
+        n = np.maximum(count, 1)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    arrays = [np.where(np.isfinite(a), a, 0.0) for a in (lo, hi, mean, std)]
     return {
         "min": arrays[0].tolist(),
         "max": arrays[1].tolist(),
         "mean": arrays[2].tolist(),
         "std": arrays[3].tolist(),
-        "samples": int(len(x64)),
+        "samples": int(len(rows)),
         "basis": "training rows",
     }
 
