@@ -990,4 +990,18 @@ class SplitServer:
                 "clients": {name: s.row() for name, s in sorted(self.stats.items())},
                 "last_probe": self.probes[-1] if self.probes else None,
                 "probes": dict(sorted(self.latest_probe.items())),
+                # what the server keeps for its clients, against its budget (issue 9)
+                "records": {
+                    "held_bytes": self.table.held(),
+                    "client_bytes_limit": self.table.limits.client_bytes,
+                    "total_bytes_limit": self.table.limits.total_bytes,
+                    "sessions": self.table.count(),
+                    "clients": {
+                        name: self.table.held(name) for name in sorted(self.table.clients())
+                    },
+                },
+                "run": {
+                    "members": list(self.admission.members),
+                    "finished": self.admission.finished,
+                },
             }

@@ -181,6 +181,10 @@ class SessionTable:
         """Every session, per client in least recently used order."""
         return [s for sessions in self._clients.values() for s in sessions.values()]
 
+    def clients(self) -> list[str]:
+        """Clients that hold at least one session."""
+        return list(self._clients)
+
     def count(self, client: str | None = None) -> int:
         """Open sessions of ``client`` (all clients: ``None``)."""
         if client is not None:

@@ -153,3 +153,14 @@ def test_a_reply_too_large_to_keep_is_sent_once_and_its_resend_refused_not_reapp
     assert "no longer kept" in again.meta["message"] and "step 2" in again.meta["message"]
     assert server.steps_applied == 1
     assert server.handle(_forward("alice", "s", 2, width=1024)).kind == Kind.GRADIENT
+
+
+def test_status_shows_what_is_kept_against_the_budget():
+    import json
+
+    server = _vanilla(record_limits=RecordLimits(client_bytes=1 << 20, total_bytes=1 << 22))
+    assert server.handle(_forward("alice", "s", 1)).kind == Kind.GRADIENT
+    records = server.status()["records"]
+    assert records["held_bytes"] == server.held_bytes() == records["clients"]["alice"] > 0
+    assert records["client_bytes_limit"] == 1 << 20 and records["sessions"] == 1
+    json.dumps(server.status())  # JSON-able, as the Status RPC sends it
