@@ -291,8 +291,9 @@ def run_edge_train(args: argparse.Namespace, bundle: Any) -> int:
 
         print_json(out)
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from edgesplit.cli.console import console
 
     table = Table(title=f"on-device training · bundle {report.bundle} ({report.config}) · "
                   f"{report.optimizer['name']} lr {report.optimizer['lr']:g}", show_header=False)
@@ -307,7 +308,7 @@ def run_edge_train(args: argparse.Namespace, bundle: Any) -> int:
                        ("peak RSS (MiB)", f"{report.peak_rss_mib:.1f}"),
                        ("saved bundle", report.saved_bundle or "—")):
         table.add_row(key, value)
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -353,12 +354,12 @@ def load_client_data(source: str, mode: str) -> tuple[Any, Any]:
 
 def print_report(report: Any, server: str) -> None:
     """A human summary of an :class:`~edgesplit.edge.runtime.EdgeReport` on stdout."""
-    from rich.console import Console
     from rich.table import Table
 
     from edgesplit.cli.common import human_bytes
+    from edgesplit.cli.console import console as make_console
 
-    console = Console()
+    console = make_console()
     title = (f"{report.mode} · bundle {report.bundle} ({report.config}) · codec {report.codec} "
              f"· server {server}")
     summary = Table(title=title, show_header=False)

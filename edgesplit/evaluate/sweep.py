@@ -686,6 +686,9 @@ def add_latency(row: dict[str, Any], args: SweepArgs, devices: dict[str, DeviceP
                 server=server, host=host, encode_s=row["encode_ms_per_batch"] * scale / 1e3,
                 decode_s=row["decode_ms_per_batch"] * scale / 1e3, mode=args.latency_mode,
                 client_memory_bytes=row["client_memory_bytes"],
+                # codec time from the deterministic cost model, not this host's busy clock, for
+                # the values sent (a bottleneck's D)
+                codec=row["codec"], cut_elements=row["cut_elements"],
             )
             row["latency"][dname][lname] = b.to_json()
             row["latency_ms"][dname][lname] = b.total_ms if b.feasible else None
