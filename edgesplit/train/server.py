@@ -800,7 +800,8 @@ class SplitServer:
     def _client_models(self, message: Message) -> ModelTable:
         """The entropy models of ``message.client``, plus the one the message carries."""
         with self._cond:
-            table = self._models.setdefault(message.client, ModelTable())
+            # an empty table for a client that never sent a model is not kept
+            table = self._models.get(message.client) or ModelTable()
         if "emodel" in message.tensors:
             freqs = decode_frame(message.tensors["emodel"], self.limits)
             if freqs.dtype != np.uint16 or freqs.ndim != 2:
@@ -810,6 +811,7 @@ class SplitServer:
                 )
             model = EntropyModel(freqs)  # validates sizes and values
             with self._cond:
+                table = self._models.setdefault(message.client, table)
                 table.add(model)
         return table
 

@@ -45,7 +45,9 @@ class RunAdmission:
         if client in self.members:
             return
         expected = _expected_clients(spec)
-        if expected is not None and len(self.members) >= expected:
+        if expected is None:
+            return  # a run of unknown size: nothing to bound (and nothing kept)
+        if len(self.members) >= expected:
             raise PreconditionFailed(
                 f"this run trains {expected} client(s) and {len(self.members)} already joined "
                 f"({', '.join(repr(m) for m in self.members[:4])}); client {client!r} cannot join"
