@@ -639,10 +639,10 @@ class SplitServer:
         return Message(Kind.ACK, message.session, message.client, message.step)
 
     def close_session(self, client: str, session: str) -> None:
-        """The session's stream closed: release what it held (pending ushape forwards, every
-        kept reply but its last). Its last applied step and that step's reply stay, so a client
-        that reconnects and resends it is answered, never applied twice; they are counted in the
-        record budget and are the first to go under pressure."""
+        """The session's stream closed: release what it held, all but what a client that
+        reconnects needs to go on: its last applied step (an integer), that step's reply (a
+        resend is answered, never applied twice) and its latest pending ushape forward (its
+        MIDDLE_GRAD may follow). They stay counted in the record budget; BYE releases them."""
         with self._cond:
             self.table.release(client, session, keep_last=True)
 

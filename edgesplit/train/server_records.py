@@ -161,13 +161,16 @@ class SessionTable:
 
     def release(self, client: str, session: str, *, keep_last: bool = False) -> None:
         """Forget a session (BYE). With ``keep_last`` (the stream closed, the client may come
-        back and resend) keep its last step and that step's reply; drop everything else."""
+        back and resend) keep its last step, that step's reply and its latest pending forward
+        (the one a reconnecting ushape client answers with MIDDLE_GRAD); drop everything else."""
         sessions = self._clients.get(client)
         state = None if sessions is None else sessions.get(session)
         if state is None:
             return
+        latest = max(state.pending, default=None)
         for step in list(state.pending):
-            self._drop_pending(state, step)
+            if not (keep_last and step == latest):
+                self._drop_pending(state, step)
         for key in list(state.replies):
             if not (keep_last and key == state.last_key):
                 self._drop_reply(state, key)

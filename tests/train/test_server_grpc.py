@@ -84,7 +84,7 @@ def test_interleaved_ushape_streams_both_train(ushape):
     assert server.steps_applied == 2
 
 
-def test_a_closed_stream_releases_its_pending_forwards(ushape):
+def test_a_closed_stream_releases_all_but_its_latest_pending_forward(ushape):
     server, running = ushape
     with _connect(running, "alice") as a:
         assert a.request(Message(Kind.HELLO, "s", "", 0, meta={"mode": "train"})).kind == (
@@ -95,7 +95,8 @@ def test_a_closed_stream_releases_its_pending_forwards(ushape):
             assert a.request(forward).kind == Kind.MIDDLE
         held = server.held_bytes("alice")
         assert held > 8 * 64 * 8 * 4  # eight pending forwards, each holding its input at least
-    assert _wait_until(lambda: server.held_bytes("alice") <= SESSION_OVERHEAD)
+    # all but the latest forward (a reconnecting client may still answer it) are released
+    assert _wait_until(lambda: server.held_bytes("alice") <= SESSION_OVERHEAD + held // 8)
 
 
 def test_hello_refusals_reach_the_client_as_replies(ushape):

@@ -123,13 +123,19 @@ def test_ushape_pending_forwards_are_bounded_and_released_on_close():
     ]
     assert all(r.kind == Kind.MIDDLE for r in replies)
     # each pending forward holds its input (1 MiB), a weight snapshot (4 MiB) and its graph
-    assert 8 << 20 < server.held_bytes("mallory") <= limits.client_bytes
+    held = server.held_bytes("mallory")
+    assert 8 << 20 < held <= limits.client_bytes
+    kept = len(server.table.find("mallory", "u").pending)
     server.close_session("mallory", "u")
-    assert server.held_bytes("mallory") <= SESSION_OVERHEAD
+    # only the latest forward stays, for a client that reconnects and sends its MIDDLE_GRAD
+    assert server.held_bytes("mallory") <= SESSION_OVERHEAD + held // kept
     grad = encode_frame(np.ones((64, 256), dtype=np.float32), "fp32")
-    late = server.handle(Message(Kind.MIDDLE_GRAD, "u", "mallory", 15, {"grad": grad}))
-    assert late.kind == Kind.ERROR and "FORWARD first" in late.meta["message"]
-    assert server.steps_applied == 0
+    old = server.handle(Message(Kind.MIDDLE_GRAD, "u", "mallory", 14, {"grad": grad}))
+    assert old.kind == Kind.ERROR and "FORWARD first" in old.meta["message"]
+    latest = server.handle(Message(Kind.MIDDLE_GRAD, "u", "mallory", 15, {"grad": grad}))
+    assert latest.kind == Kind.GRADIENT and server.steps_applied == 1
+    assert server.handle(Message(Kind.BYE, "u", "mallory", 16)).kind == Kind.ACK
+    assert server.held_bytes("mallory") == 0
 
 
 def test_hello_meta_is_not_kept():
