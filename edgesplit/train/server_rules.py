@@ -48,6 +48,12 @@ class Batch:
     extra: Any = None
 
 
+def _not_ushape(host: SplitServer) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"{Kind.MIDDLE_GRAD} is only valid in ushape; this server runs {host.config}"
+    )
+
+
 class StepRules:
     """The step rules of one configuration (subclasses override what they accept)."""
 
@@ -103,9 +109,7 @@ class StepRules:
     def prepare_middle_grad(
         self, host: SplitServer, message: Message, session: Session | None
     ) -> Batch:
-        raise PreconditionFailed(
-            f"{Kind.MIDDLE_GRAD} is only valid in ushape; this server runs {host.config}"
-        )
+        raise _not_ushape(host)
 
     def apply_forward(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
@@ -127,7 +131,7 @@ class StepRules:
     def apply_middle_grad(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
     ) -> Message:
-        raise NotImplementedError
+        raise _not_ushape(host)
 
 
 class VanillaRules(StepRules):
