@@ -169,15 +169,23 @@ class DriftMonitor:
         self.drifted = 0  # batches that drifted, warned or not
         self.warnings = 0
         self._last_warning: int | None = None
+        self._limits: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
 
     def check(self, x: np.ndarray) -> Drift | None:
         """Compare a batch ``(N, *sample_shape)`` with the ranges; warn if due. Returns the
         drift found (``None`` when every value is in range)."""
         self.batches += 1
-        x64 = np.asarray(x, dtype=np.float64)
-        bad = ~np.isfinite(x64) | (x64 < self.lo_limit) | (x64 > self.hi_limit)
+        x = np.asarray(x)
+        if x.dtype.kind != "f":  # integer readings: compare exactly, as floats
+            x = x.astype(np.float64)
+        # in the input's own dtype (float32): no float64 copy of every batch on the device
+        lo, hi = self._limits.get(x.dtype) or self._limits.setdefault(
+            x.dtype, (self.lo_limit.astype(x.dtype), self.hi_limit.astype(x.dtype))
+        )
+        bad = ~np.isfinite(x) | (x < lo) | (x > hi)
         if not bad.any():
             return None
+        x64 = x.astype(np.float64)
         self.drifted += 1
         # per feature: reduce the batch axis and every axis the ranges broadcast over
         axes = (0, *(i + 1 for i, d in enumerate(self.low.shape) if d == 1))
