@@ -470,6 +470,10 @@ class SplitServer:
         session = self.table.find(message.client, message.session)
         if session is None:
             session = self.table.adopt(message.client, message.session)
+            index = None if session is None else session.index
+            if index is not None and self._index_owner.get(index) == "":
+                # the index an anonymous HELLO claimed belongs to the name its steps use
+                self._index_owner[index] = message.client
         if session is None or not session.hello:
             if self.require_hello:
                 raise PreconditionFailed(

@@ -230,3 +230,15 @@ def test_a_vertical_partys_place_cannot_be_taken_by_another_client():
         replies = list(pool.map(predict, ["imaging", "lab"], [0, 1]))
     assert all(r.kind == Kind.PREDICTION for r in replies), replies
     _refused(predict("mallory", 1, "t"), "FAILED_PRECONDITION", "index 1", "'lab'")
+
+
+def test_an_unauthenticated_hello_binds_the_session_for_the_name_its_steps_use():
+    # without tokens the torch client says HELLO with an empty name, then steps as client-0
+    server = _server("vertical", spec={"clients": 1})
+    hello = Message(Kind.HELLO, "s", "", 0, meta={"mode": "infer", "index": 0})
+    assert server.handle(hello).kind == Kind.WELCOME
+    meta = {"party": 0, "parties": 1}
+    forward = Message(Kind.FORWARD, "s", "client-0", 1, {"act": _act(), "labels": LABELS}, meta)
+    _refused(server.handle(forward), "FAILED_PRECONDITION", "mode=infer")  # the binding holds
+    predict = Message(Kind.PREDICT, "s", "client-0", 2, {"act": _act()}, meta)
+    assert server.handle(predict).kind == Kind.PREDICTION  # and so does its party's owner
