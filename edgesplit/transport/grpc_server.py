@@ -15,12 +15,21 @@ sends nothing for ``idle_timeout`` seconds is closed (``UNAVAILABLE``, which cli
 
 Authentication is a per-client bearer token checked before any request is read. The token
 decides who the client is: the servicer overwrites ``message.client`` with the token's name, so
-a client cannot speak for another.
+a client cannot speak for another. It also decides what the client may do
+(:class:`~edgesplit.transport.tokens.TokenGrant`): each request's kind is checked against the
+token's role and its ``meta.party`` against the token's party before the handler sees it, and
+``Status`` needs an admin token; a refusal ends the stream with ``PERMISSION_DENIED``.
 
-Failure isolation: an envelope that does not parse, breaks an :class:`EnvelopeLimits` limit or
-carries non-finite meta, and a handler reply ``ERROR{code: INVALID_ARGUMENT}``, end *that*
-stream with status ``INVALID_ARGUMENT``; an exception escaping the handler ends it with
-``INTERNAL`` (and is logged). Other streams keep running.
+An envelope over ``max_message_bytes`` arrives and leaves as chunks
+(:func:`~edgesplit.transport.envelope.split_envelope`); what half-received chunks may hold is
+bounded per token and in total. When a stream ends, however it ends, ``on_stream_closed`` is
+told each (client, session) it carried, so the engine can release that session's memory.
+
+Failure isolation: an envelope that does not parse, breaks an :class:`EnvelopeLimits` limit,
+carries non-finite meta or chunks that do not join, and a handler reply
+``ERROR{code: INVALID_ARGUMENT}``, end *that* stream with status ``INVALID_ARGUMENT``; an
+exception escaping the handler ends it with ``INTERNAL`` (and is logged). Other streams keep
+running.
 """
 
 from __future__ import annotations
@@ -109,6 +118,9 @@ class SessionLimits:
         Bytes of partly received chunked requests all streams together may hold; a chunk
         beyond it ends its stream with ``RESOURCE_EXHAUSTED`` "Concurrent RPC limit exceeded"
         (clients retry with backoff).
+    max_assembly_bytes_per_client:
+        The same, for the streams of one token; ``None``: ``envelope.max_envelope_bytes``, one
+        largest request at a time, so one token cannot take the whole shared budget.
     """
 
     max_sessions: int = 1024
@@ -116,6 +128,7 @@ class SessionLimits:
     idle_timeout: float = 300.0
     envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
     max_assembly_bytes: int = 1024 * 1024 * 1024
+    max_assembly_bytes_per_client: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_sessions <= 0 or self.max_streams_per_client <= 0:
@@ -123,10 +136,21 @@ class SessionLimits:
                 "max_sessions and max_streams_per_client must be positive, got "
                 f"{self.max_sessions} and {self.max_streams_per_client}"
             )
-        if self.max_assembly_bytes <= 0:
-            raise ConfigError(f"max_assembly_bytes must be positive, got {self.max_assembly_bytes}")
+        per_client = self.max_assembly_bytes_per_client
+        if self.max_assembly_bytes <= 0 or (per_client is not None and per_client <= 0):
+            raise ConfigError(
+                "max_assembly_bytes and max_assembly_bytes_per_client must be positive, got "
+                f"{self.max_assembly_bytes} and {per_client}"
+            )
         if not self.idle_timeout > 0:
             raise ConfigError(f"idle_timeout must be positive seconds, got {self.idle_timeout}")
+
+    @property
+    def client_assembly_bytes(self) -> int:
+        """What one token's half-received chunked requests may hold (the resolved default)."""
+        if self.max_assembly_bytes_per_client is not None:
+            return self.max_assembly_bytes_per_client
+        return self.envelope.max_envelope_bytes
 
 
 def _bearer_token(metadata: Any) -> str | None:
@@ -323,8 +347,10 @@ class SplitServicer:
         self._max_message_bytes = max_message_bytes
         self._on_stream_closed = on_stream_closed
         self._admission = _Admission(limits)
-        #: Bytes of half-received chunked requests held by all streams (event loop only).
+        #: Bytes of half-received chunked requests held by all streams, and per token (touched
+        #: only on the event loop, so no lock).
         self.assembling = 0
+        self._assembling_by: dict[str | None, int] = {}
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """The method table to register on a server."""
@@ -371,9 +397,38 @@ class SplitServicer:
             await self._serve_stream(client, context, carried, assembler)
         finally:
             self._admission.leave(client)
-            self.assembling -= assembler.pending_bytes
+            self._hold(client, -assembler.pending_bytes)
             assembler.reset()
             self._stream_closed(carried)
+
+    def _over_budget(self, client: str | None) -> str | None:
+        """Why the half-received chunks now held are too many, or ``None``."""
+        limits = self._limits
+        mine = self._assembling_by.get(client, 0)
+        if mine > limits.client_assembly_bytes:
+            return (
+                f"{CONCURRENCY_LIMIT_TEXT}: client {client!r} holds {mine} bytes of partly "
+                "received chunked requests, its limit (max_assembly_bytes_per_client="
+                f"{limits.client_assembly_bytes}); finish one first"
+            )
+        if self.assembling > limits.max_assembly_bytes:
+            return (
+                f"{CONCURRENCY_LIMIT_TEXT}: the server holds {self.assembling} bytes of partly "
+                f"received chunked requests, its limit (max_assembly_bytes="
+                f"{limits.max_assembly_bytes}); try again later"
+            )
+        return None
+
+    def _hold(self, client: str | None, delta: int) -> None:
+        """Count ``delta`` bytes more (or fewer) of ``client``'s half-received chunks."""
+        if not delta:
+            return
+        self.assembling += delta
+        mine = self._assembling_by.get(client, 0) + delta
+        if mine > 0:
+            self._assembling_by[client] = mine
+        else:
+            self._assembling_by.pop(client, None)
 
     def _stream_closed(self, carried: set[tuple[str | None, str]]) -> None:
         """Tell ``on_stream_closed`` about each session the stream carried, off the loop."""
@@ -416,20 +471,16 @@ class SplitServicer:
                 )
             try:
                 carrier = parse_envelope(data)
-                if carrier.HasField("chunk"):
-                    held = self.assembling + len(carrier.chunk.data)
-                    if held > self._limits.max_assembly_bytes:
-                        await context.abort(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{CONCURRENCY_LIMIT_TEXT}: the server holds {self.assembling} bytes "
-                            "of partly received chunked requests, its limit (max_assembly_bytes="
-                            f"{self._limits.max_assembly_bytes}); try again later",
-                        )
                 before = assembler.pending_bytes
                 try:
                     whole = assembler.feed(carrier)
                 finally:
-                    self.assembling += assembler.pending_bytes - before
+                    self._hold(client, assembler.pending_bytes - before)
+                # Checked once the piece is counted (exact, no extra copy of it); a refused
+                # stream's pieces are released when it ends, right below.
+                over = self._over_budget(client) if whole is None else None
+                if over is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over)
             except EnvelopeTooLarge as exc:
                 log.warning("stream from %r (%s): %s", client, context.peer(), exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

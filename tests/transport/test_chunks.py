@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import threading
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
 
-from edgesplit.errors import ProtocolError, TransportError
+from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport import split_pb2
 from edgesplit.transport.envelope import (
     CHUNK_OVERHEAD,
@@ -315,19 +316,19 @@ def test_half_sent_chunks_of_all_streams_are_bounded_and_released() -> None:
     piece = bytes(LIMIT - CHUNK_OVERHEAD)
     try:
         with grpc.insecure_channel(srv.address) as channel:
-            holders = [RawStream(srv, channel) for _ in range(2)]
-            for h in holders:  # two streams each hold a half-sent request
-                h.send(chunk(0, 8, 8 * len(piece), piece))
-            # a third cannot add more than the server-wide budget: told to retry later
-            third = RawStream(srv, channel)
-            third.send(chunk(0, 8, 8 * len(piece), piece), chunk(1, 8, 8 * len(piece), piece))
-            error = third.end()
+            # three streams hold 1, 1 and 2 pieces: 4 pieces, over the budget of 3 * LIMIT.
+            # Whichever the server reads last crosses the line and is told to retry later.
+            streams = [RawStream(srv, channel) for _ in range(3)]
+            ended: queue.Queue[grpc.RpcError] = queue.Queue()
+            for n, stream in zip((1, 1, 2), streams, strict=True):
+                stream.send(*[chunk(i, 8, 8 * len(piece), piece) for i in range(n)])
+                threading.Thread(target=lambda s=stream: ended.put(s.end()), daemon=True).start()
+            error = ended.get(timeout=60)
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "Concurrent RPC limit exceeded" in error.details()
-            assert "max_assembly_bytes" in error.details()
-            third.close()
-            for h in holders:  # ending the holders releases what they held
-                h.close()
+            assert "max_assembly_bytes=" in error.details()
+            for stream in streams:  # ending the streams releases what they held
+                stream.close()
             # so a chunked request now fits (the client retries the limit text with backoff)
             retry = RetryPolicy(attempts=20, initial_backoff=0.05, max_backoff=0.2)
             with GrpcTransport(
@@ -347,3 +348,36 @@ def test_assembler_errors_are_typed() -> None:
     joiner.reset()
     with pytest.raises(ChunkError, match="reply chunk 3 arrived"):
         joiner.feed(chunk(3, 4, 10, b"x"))
+
+
+def test_one_token_cannot_take_the_whole_chunk_budget() -> None:
+    limits = SessionLimits(max_assembly_bytes_per_client=3 * LIMIT)
+    assert SessionLimits().client_assembly_bytes == EnvelopeLimits().max_envelope_bytes
+    with pytest.raises(ConfigError, match="max_assembly_bytes_per_client must be positive"):
+        SessionLimits(max_assembly_bytes_per_client=0)
+    srv = serve_handler(
+        echo_big, "127.0.0.1", 0, tokens=TOKENS, max_message_bytes=LIMIT, limits=limits
+    )
+    piece = bytes(LIMIT - CHUNK_OVERHEAD)
+    total = 8 * len(piece)
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            # mallory holds 2 pieces on each of two streams: over its 3 * LIMIT. Which stream
+            # crosses the line depends on the order the server reads them; that one is refused.
+            streams = [RawStream(srv, channel) for _ in range(2)]
+            ended: queue.Queue[grpc.RpcError] = queue.Queue()
+            for stream in streams:
+                stream.send(chunk(0, 8, total, piece), chunk(1, 8, total, piece))
+                threading.Thread(target=lambda s=stream: ended.put(s.end()), daemon=True).start()
+            error = ended.get(timeout=60)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "client 'mallory' holds" in error.details()
+            assert "max_assembly_bytes_per_client" in error.details()
+            # another token is not affected: its chunked request goes through meanwhile
+            with connect(srv) as t:
+                message = Message(Kind.FORWARD, "s", "", 1, {"act": bytes(2 * LIMIT)})
+                assert t.request(message).meta["got"]["act"][0] == 2 * LIMIT
+            for stream in streams:
+                stream.close()
+    finally:
+        srv.stop(None)
