@@ -316,7 +316,17 @@ def split_envelope(envelope: split_pb2.Envelope, max_message_bytes: int) -> list
     ConfigError
         If ``max_message_bytes`` leaves no room for a piece beside :data:`CHUNK_OVERHEAD`.
     """
-    data = envelope.SerializeToString()
+    return split_serialized(envelope.SerializeToString(), max_message_bytes)
+
+
+def split_serialized(data: bytes, max_message_bytes: int) -> list[bytes]:
+    """:func:`split_envelope` for an envelope already serialized to ``data``.
+
+    Raises
+    ------
+    ConfigError
+        If ``max_message_bytes`` leaves no room for a piece beside :data:`CHUNK_OVERHEAD`.
+    """
     size = len(data)
     if size <= max_message_bytes:
         return [data]

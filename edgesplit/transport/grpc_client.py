@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -41,7 +41,7 @@ from edgesplit.transport.envelope import (
     envelope_to_message,
     message_to_envelope,
     parse_envelope,
-    split_envelope,
+    split_serialized,
 )
 from edgesplit.transport.grpc_server import (
     AUTH_METADATA_KEY,
@@ -147,7 +147,7 @@ class _Stream:
         self.ids = StreamIds()
         #: Joins a chunked reply (a reply over the server's message limit).
         self.assembler = ChunkAssembler(max_envelope_bytes, "reply")
-        # Raw bytes both ways: requests are serialized once by split_envelope (which measures
+        # Raw bytes both ways: requests are serialized once by the transport (which measures
         # and chunks them), replies are parsed (and measured) by the transport.
         session = channel.stream_stream(
             SESSION_METHOD, request_serializer=None, response_deserializer=None
@@ -317,14 +317,6 @@ class GrpcTransport:
             answered with a reply that does not match the request, or sent chunks that do not
             join (:class:`~edgesplit.transport.envelope.ChunkError`).
         """
-        envelope = message_to_envelope(message)
-        size = envelope.ByteSize()
-        if size > self.max_envelope_bytes:
-            raise TransportError(
-                f"{message.kind} step {message.step} is {size} bytes serialized, over the "
-                f"envelope size limit of {self.max_envelope_bytes} bytes (max_envelope_bytes); "
-                "use a stronger codec, a smaller batch, or raise the limit on both sides"
-            )
         with self._lock:
             if self._closed:
                 raise TransportError(f"transport to {self.target} is closed")
@@ -359,8 +351,19 @@ class GrpcTransport:
                 self._drop(channel=False)
             stream = self._stream if self._stream is not None else self._open()
             # a fresh stream (after a reconnect) gets the ids in full again
-            envelope = message_to_envelope(stream.ids.compact(message))
-            for piece in split_envelope(envelope, self.max_message_bytes):
+            # Serialized once: what is measured, checked, cut into chunks and sent. The ids are
+            # fixed on a copy first, so a refused request does not bind a stream it never used.
+            ids = replace(stream.ids)
+            data = message_to_envelope(ids.compact(message)).SerializeToString()
+            if len(data) > self.max_envelope_bytes:
+                raise TransportError(
+                    f"{message.kind} step {message.step} is {len(data)} bytes serialized, over "
+                    f"the envelope size limit of {self.max_envelope_bytes} bytes "
+                    "(max_envelope_bytes); use a stronger codec, a smaller batch, or raise the "
+                    "limit on both sides"
+                )
+            stream.ids = ids
+            for piece in split_serialized(data, self.max_message_bytes):
                 stream.send(piece)
                 self.wire_bytes_up += len(piece)
             if sent_before:

@@ -381,3 +381,28 @@ def test_one_token_cannot_take_the_whole_chunk_budget() -> None:
                 stream.close()
     finally:
         srv.stop(None)
+
+
+def test_a_request_refused_for_its_size_does_not_fix_the_streams_ids() -> None:
+    def session_of(message: Message) -> Message:
+        return Message(
+            Kind.ACK,
+            message.session,
+            message.client,
+            message.step,
+            {},
+            {"session": message.session},
+        )
+
+    srv = serve_handler(session_of, "127.0.0.1", 0, tokens=TOKENS)
+    try:
+        with GrpcTransport(
+            srv.address, TOKENS["alice"], max_envelope_bytes=1000, retry=NO_RETRY
+        ) as t:
+            with pytest.raises(TransportError, match="max_envelope_bytes"):
+                t.request(Message(Kind.FORWARD, "a", "", 1, {"act": bytes(2000)}))
+            # the stream's first request actually sent names its session in full
+            assert t.request(Message(Kind.FORWARD, "a", "", 2)).meta["session"] == "a"
+            assert t.request(Message(Kind.FORWARD, "a", "", 3)).meta["session"] == "a"
+    finally:
+        srv.stop(None)
