@@ -142,7 +142,7 @@ def _validate(spec: TrainSpec) -> None:
 
 def resolve_cuts(spec: TrainSpec, input_shape: tuple[int, ...]) -> tuple[str, ...]:
     family = family_of(spec.model, input_shape)
-    default = None
+    default: str | tuple[str, str] | None = None
     if family is not None:
         if spec.config == "ushape":
             default = DEFAULT_USHAPE_CUTS[family]
