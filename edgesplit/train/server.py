@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+import uuid
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -222,8 +223,6 @@ class SplitServer:
         self.admission = RunAdmission()
         self._probes = ProbeLog(controller, on_probe)
         self.spec = spec or {}
-        import uuid
-
         self.group = uuid.uuid4().hex[:8]
         #: Called (under the server lock) after every applied step, before its reply leaves:
         #: ``serve`` checkpoints here, so a restart never loses a step a client saw answered.
@@ -259,7 +258,7 @@ class SplitServer:
         self._probes.on_probe = value
 
     @property
-    def probes(self) -> Any:
+    def probes(self) -> deque[dict[str, Any]]:
         """The latest probe records (at most 1000), oldest first."""
         return self._probes.records
 
