@@ -192,7 +192,10 @@ def message_to_envelope(message: Message) -> split_pb2.Envelope:
 
 
 def envelope_to_message(
-    envelope: split_pb2.Envelope, limits: EnvelopeLimits | None = None
+    envelope: split_pb2.Envelope,
+    limits: EnvelopeLimits | None = None,
+    *,
+    kind_from_stream: bool = False,
 ) -> Message:
     """The :class:`Message` an envelope carries.
 
@@ -204,6 +207,9 @@ def envelope_to_message(
         A server passes its limits: meta is then parsed strictly (:func:`strict_meta`) and the
         tensor count and name lengths are capped. ``None`` (a client reading replies) checks
         only the structure.
+    kind_from_stream:
+        An empty kind means "the kind of the previous message on this stream": the caller
+        fills it with :meth:`StreamIds.complete`.
 
     Raises
     ------
@@ -211,7 +217,7 @@ def envelope_to_message(
         If the kind is empty, two tensors share a name, ``meta_json`` is not a JSON object, or
         (with ``limits``) a limit is exceeded or meta holds a non-finite number.
     """
-    if not envelope.kind:
+    if not envelope.kind and not kind_from_stream:
         raise ProtocolError("envelope has an empty kind")
     if limits is not None:
         _check_limits(envelope, limits)
@@ -254,17 +260,24 @@ def _check_limits(envelope: split_pb2.Envelope, limits: EnvelopeLimits) -> None:
 
 @dataclass
 class StreamIds:
-    """The session and client a stream's first request named.
+    """What a stream's earlier messages fixed: its session and client, and the last kind each
+    way.
 
-    Both are fixed for the life of a stream, so only its first request carries them; later
-    requests and every reply leave them empty on the wire (about 25 bytes a message, a byte a
-    sample at 100x compression). Each end keeps one ``StreamIds`` per stream: the sender calls
-    :meth:`compact` before serialising, the receiver :meth:`complete` after parsing. A message
-    naming a *different* session or client keeps its own (it is sent in full).
+    The session and client are fixed for the life of a stream, so only its first request
+    carries them; later requests and every reply leave them empty on the wire (about 25 bytes a
+    message). A message of the same kind as the previous one in its direction (a training
+    step's ``forward`` after ``forward``, ``gradient`` after ``gradient``) leaves its kind empty
+    too (9-10 bytes). Together a byte a sample at 100× compression. Each end keeps one
+    ``StreamIds`` per stream: the sender calls :meth:`compact` before serialising, the receiver
+    :meth:`complete` after parsing (with ``kind_from_stream``). A message naming a *different*
+    session or client keeps its own (it is sent in full).
     """
 
     session: str | None = None
     client: str | None = None
+    #: Kind of the last message this end compacted (sent) and completed (received).
+    sent_kind: str | None = None
+    received_kind: str | None = None
 
     def _bind(self, message: Message) -> bool:
         if self.session is None and message.session:
@@ -273,17 +286,34 @@ class StreamIds:
         return False
 
     def compact(self, message: Message) -> Message:
-        """``message`` as it goes on the wire: ids the stream fixed left out."""
+        """``message`` as it goes on the wire: what the stream fixed left out."""
+        kind = "" if message.kind == self.sent_kind else message.kind
+        self.sent_kind = message.kind
         if self._bind(message) or self.session is None:
-            return message
+            return replace(message, kind=kind) if kind != message.kind else message
         return replace(
             message,
+            kind=kind,
             session="" if message.session == self.session else message.session,
             client="" if message.client == self.client else message.client,
         )
 
     def complete(self, message: Message) -> Message:
-        """``message`` as received, with the ids the stream fixed filled in."""
+        """``message`` as received, with what the stream fixed filled in.
+
+        Raises
+        ------
+        ProtocolError
+            If the kind is empty and no earlier message on the stream gave one.
+        """
+        if not message.kind:
+            if self.received_kind is None:
+                raise ProtocolError(
+                    "envelope has an empty kind, and no earlier message on this stream named "
+                    "one; the first message of a stream must name its kind"
+                )
+            message.kind = self.received_kind
+        self.received_kind = message.kind
         if self._bind(message) or self.session is None:
             return message
         message.session = message.session or self.session

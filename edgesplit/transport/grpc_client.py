@@ -371,7 +371,7 @@ class GrpcTransport:
             sent_before = True
             item = self._reply(stream, message)
             if isinstance(item, split_pb2.Envelope):
-                return stream.ids.complete(envelope_to_message(item))
+                return stream.ids.complete(envelope_to_message(item, kind_from_stream=True))
             # The stream is over: an RpcError, a clean end without a reply, or a bad reply.
             # Classify before dropping: dropping cancels the call, which must not be mistaken
             # for the cause.

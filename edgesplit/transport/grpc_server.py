@@ -504,7 +504,9 @@ class SplitServicer:
             if envelope is None:
                 return
             try:
-                message = ids.complete(envelope_to_message(envelope, self._limits.envelope))
+                message = ids.complete(
+                    envelope_to_message(envelope, self._limits.envelope, kind_from_stream=True)
+                )
             except ProtocolError as exc:
                 log.warning("stream from %r (%s): bad envelope: %s", client, context.peer(), exc)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

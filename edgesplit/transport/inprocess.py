@@ -37,12 +37,16 @@ class InProcessTransport:
     def request(self, message: Message) -> Message:
         up = message_to_envelope(self._client_ids.compact(message)).SerializeToString()
         self.wire_bytes_up += len(up)
-        sent = self._server_ids.complete(envelope_to_message(parse_envelope(up)))
+        sent = self._server_ids.complete(
+            envelope_to_message(parse_envelope(up), kind_from_stream=True)
+        )
         self.bytes_up += sent.tensor_bytes()
         reply = self.handler(sent)
         down = message_to_envelope(self._server_ids.compact(reply)).SerializeToString()
         self.wire_bytes_down += len(down)
-        received = self._client_ids.complete(envelope_to_message(parse_envelope(down)))
+        received = self._client_ids.complete(
+            envelope_to_message(parse_envelope(down), kind_from_stream=True)
+        )
         self.bytes_down += received.tensor_bytes()
         self.messages += 1
         return received
