@@ -227,15 +227,17 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         "--atol",
         type=float,
         default=None,
-        help="fp32 parity: absolute tolerance of |onnxruntime - torch| (default: "
+        help="fp32 parity: absolute tolerance of |onnxruntime - torch|, scaled by the batch's "
+        "largest |torch| value when above 1 (default: "
         f"{TARGET_DEFAULTS['atol']:g})",
     )
     g.add_argument(
         "--rtol",
         type=float,
         default=None,
-        help="fp32 parity: relative tolerance (element passes if diff <= atol + "
-        f"rtol*|torch|) (default: {TARGET_DEFAULTS['rtol']:g})",
+        help="fp32 parity: relative tolerance (element passes if diff <= "
+        "atol*max(1, max|torch|) + rtol*|torch|) "
+        f"(default: {TARGET_DEFAULTS['rtol']:g})",
     )
     g.add_argument(
         "--int8-max-drop",
