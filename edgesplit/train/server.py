@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,6 +42,7 @@ from edgesplit.errors import (
 )
 from edgesplit.split.bottleneck import param_groups
 from edgesplit.split.defense import Defense
+from edgesplit.train import server_state
 from edgesplit.train.barrier import Barriers
 from edgesplit.train.controller import BitrateController
 from edgesplit.train.frames import TensorCodec, decode_labels
@@ -57,22 +57,19 @@ from edgesplit.train.server_checks import (
     error_code,
     frame_family,
     hello_terms,
-    meta_float,
     meta_int,
-    meta_str,
 )
 from edgesplit.train.server_probes import ProbeLog
 from edgesplit.train.server_records import RecordLimits, Session, SessionTable
 from edgesplit.train.server_rules import Batch, rules_for
-from edgesplit.train.server_schedule import SplitFedSchedule
-from edgesplit.train.server_weights import HandOff, Schema, check_weights, fedavg
+from edgesplit.train.server_schedule import IndexOwners, SplitFedSchedule
+from edgesplit.train.server_state import ClientStats
+from edgesplit.train.server_weights import HandOff, Schema, WeightExchange
 from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
 from edgesplit.wire.messages import (
     Kind,
     Message,
     error_message,
-    message_from_dict,
-    message_to_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -86,37 +83,6 @@ _RECORDED = {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.WEIGHTS}
 _TRAINING = {Kind.FORWARD, Kind.MIDDLE_GRAD, Kind.WEIGHTS}
 #: Default per-frame limits on a server: 16 Mi elements, 64 MiB decoded.
 SERVER_LIMITS = FrameLimits(max_elements=1 << 24, max_decoded_bytes=1 << 26)
-
-
-@dataclass
-class ClientStats:
-    """What the server has seen from one client."""
-
-    steps: int = 0
-    samples: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    labelled: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    repeats: int = 0
-    errors: int = 0
-    last_seen: float = 0.0
-    probe_steps: int = 0  # counters at this client's previous probe (interval start)
-    probe_bytes_in: int = 0
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "samples": self.samples,
-            "loss": self.loss_sum / self.labelled if self.labelled else None,
-            "accuracy": self.correct / self.labelled if self.labelled else None,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "repeats": self.repeats,
-            "errors": self.errors,
-            "last_seen": self.last_seen,
-        }
 
 
 class SplitServer:
@@ -213,13 +179,12 @@ class SplitServer:
         self.require_hello = require_hello
         self.stats: dict[str, ClientStats] = defaultdict(ClientStats)
         self.steps_applied = 0
-        #: FedAvg rounds completed (splitfed).
-        self.rounds = 0
         self._cond = threading.Condition(threading.RLock())
         #: Sessions, their replay records and pending forwards, bounded in bytes.
         self.table = SessionTable(record_limits)
         self.barriers = Barriers(self._cond, lambda: self.wait_timeout)
-        self.handoff = HandOff(weight_schema)
+        #: Weights passed between clients: the hand-off and the FedAvg round.
+        self.weights = WeightExchange(weight_schema)
         self.admission = RunAdmission()
         self._probes = ProbeLog(controller, on_probe)
         self.spec = spec or {}
@@ -232,9 +197,8 @@ class SplitServer:
         self._cut_shape: tuple[int, ...] | None = None
         #: The fixed order of splitfed steps (created once the client count is known).
         self._schedule: SplitFedSchedule | None = None
-        #: Which client holds each client index a HELLO named.
-        self._index_owner: dict[int, str] = {}
-        self._index_used: set[int] = set()
+        #: Which client holds each client index (vertical: party).
+        self.owners = IndexOwners()
         #: Class count seen in the logits of an accepted step (labels are checked against it).
         self._classes: int | None = None
 
@@ -268,9 +232,19 @@ class SplitServer:
         return self._probes.latest
 
     @property
+    def handoff(self) -> HandOff:
+        """The weights one client left for the next, and how many hand-offs came."""
+        return self.weights.handoff
+
+    @property
     def handoffs(self) -> int:
         """Hand-offs received so far (the vanilla/ushape turn counter)."""
-        return self.handoff.count
+        return self.weights.handoff.count
+
+    @property
+    def rounds(self) -> int:
+        """FedAvg rounds completed (splitfed)."""
+        return self.weights.rounds
 
     @property
     def lock(self) -> threading.Condition:
@@ -469,10 +443,9 @@ class SplitServer:
         session = self.table.find(message.client, message.session)
         if session is None:
             session = self.table.adopt(message.client, message.session)
-            index = None if session is None else session.index
-            if index is not None and self._index_owner.get(index) == "":
+            if session is not None and session.index is not None:
                 # the index an anonymous HELLO claimed belongs to the name its steps use
-                self._index_owner[index] = message.client
+                self.owners.rename(session.index, "", message.client)
         if session is None or not session.hello:
             if self.require_hello:
                 raise PreconditionFailed(
@@ -507,12 +480,12 @@ class SplitServer:
     def _prepare(self, message: Message, session: Session | None) -> Any:
         """Decode and check a step's request (outside the lock)."""
         if message.kind == Kind.WEIGHTS:
-            return self._prepare_weights(message)
+            return self.weights.prepare(self, message)
         return self.rules.prepare(self, message, session)
 
     def _apply(self, message: Message, batch: Any, session: Session | None) -> Message:
         if message.kind == Kind.WEIGHTS:
-            return self._apply_weights(message, batch, session)
+            return self.weights.apply(self, message, batch, session)
         return self.rules.apply(self, message, batch, session)
 
     # ------------------------------------------------------------------ session set-up
@@ -585,26 +558,17 @@ class SplitServer:
         return index
 
     def claim_index(self, index: int, client: str) -> bool:
-        """Bind client index (vertical: party) ``index`` to ``client`` (under the lock);
-        another client naming it later is refused. Returns whether this call made the claim
-        (the caller gives it back with :meth:`release_index` if its request then fails)."""
-        new = index not in self._index_owner
-        owner = self._index_owner.setdefault(index, client)
-        if owner != client:
-            raise PreconditionFailed(
-                f"party/client index {index} belongs to client {owner!r}; client {client!r} "
-                "cannot take its place"
-            )
-        return new
+        """Bind client index (vertical: party) ``index`` to ``client`` (under the lock); see
+        :class:`~edgesplit.train.server_schedule.IndexOwners`."""
+        return self.owners.claim(index, client)
 
     def release_index(self, index: int) -> None:
-        """Give back a claim whose request failed: refused requests leave nothing behind."""
-        if index not in self._index_used:
-            self._index_owner.pop(index, None)
+        """Give back a claim whose request failed."""
+        self.owners.release(index)
 
     def used_index(self, index: int) -> None:
         """A request under ``index`` was answered: the claim is kept for good."""
-        self._index_used.add(index)
+        self.owners.used(index)
 
     def schedule(self) -> SplitFedSchedule | None:
         """The fixed order of splitfed steps, when this is a splitfed run of known size."""
@@ -654,85 +618,6 @@ class SplitServer:
         forwards and session bookkeeping, by the server's own accounting."""
         with self._cond:
             return self.table.held(client)
-
-    # ------------------------------------------------------------------ weights
-    def _prepare_weights(self, message: Message) -> tuple[str, Any]:
-        mode = meta_str(message, "mode")
-        if mode == "put":  # SplitNN hand-off: keep the lower weights for the next client
-            return mode, check_weights(message, self.limits, self.handoff.schema)
-        if mode == "get":  # wait for this client's turn: the hand-offs before it are done
-            return mode, meta_int(message, "turn", 0)
-        if mode == "average":  # splitfed: FedAvg over every client of the round
-            clients = meta_int(message, "clients", lo=1, hi=4096)
-            expected = self.expected_clients()
-            if expected is not None and clients != expected:
-                raise PreconditionFailed(
-                    f"this run averages {expected} clients; the message says clients={clients}"
-                )
-            rnd = meta_int(message, "round", lo=0)
-            index = meta_int(message, "index", lo=0, hi=clients - 1)
-            weight = meta_float(message, "n_samples", 1.0, positive=True)
-            group = meta_str(message, "group") or ""
-            weights = check_weights(message, self.limits, self.handoff.schema)
-            return mode, (clients, rnd, index, weight, group, weights)
-        raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
-
-    def _apply_weights(
-        self, message: Message, prepared: tuple[str, Any], session: Session | None
-    ) -> Message:
-        mode, value = prepared
-        if mode == "put":
-            self.handoff.put(value)
-            self._cond.notify_all()
-            return Message(Kind.ACK, message.session, message.client, message.step)
-        if mode == "get":
-            turn = int(value)
-            if not self._cond.wait_for(lambda: self.handoffs >= turn, self.wait_timeout):
-                raise TimeoutError(
-                    f"turn {turn} did not come within {self.wait_timeout:.0f}s "
-                    f"({self.handoffs} hand-offs so far)"
-                )
-            if self.handoffs > turn:
-                # turn t is served right after the t-th hand-off; more means these turns
-                # belong to a run this server has already finished
-                raise PreconditionFailed(
-                    f"turn {turn} was already taken ({self.handoffs} hand-offs done): this "
-                    "server finished an earlier run; start a fresh `edgesplit serve` (or a "
-                    "fresh --state) for a new networked training run"
-                )
-            return self.handoff.reply(message)
-        clients, rnd, index, weight, group, weights = value
-        if self.handoff.schema is None:
-            self.handoff.schema = {
-                n: (tuple(a.shape), a.dtype.name) for n, a in weights.arrays.items()
-            }
-
-        def average(parts: dict[int, tuple[float, dict[str, np.ndarray]]]) -> dict[int, Message]:
-            tensors = self.guard(lambda: fedavg(parts))
-            return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
-
-        schedule = self.schedule() if session is not None and session.index is not None else None
-        if schedule is not None and session is not None and session.index != index:
-            raise PreconditionFailed(
-                f"FedAvg index {index} is not this session's client index {session.index}"
-            )
-        if schedule is not None:
-            schedule.averaging(index, rnd)  # out of the way of the others' remaining steps
-            self._cond.notify_all()
-        try:
-            reply = self.barriers.meet(
-                (f"avg:{group}", rnd), clients, index, (weight, weights.arrays), average
-            )
-        except BaseException:
-            if schedule is not None:
-                schedule.left(index)
-                self._cond.notify_all()
-            raise
-        if schedule is not None:
-            schedule.averaged(index, rnd)
-            self._cond.notify_all()
-        self.rounds = max(self.rounds, rnd + 1)
-        return Message(Kind.WEIGHTS, message.session, message.client, message.step, reply.tensors)
 
     # ------------------------------------------------------------------ helpers for the rules
     def run_segment(
@@ -918,95 +803,15 @@ class SplitServer:
         """(tensors for ``torch.save``, JSON-able counters): everything a restart needs so that
         no applied step is lost and a retried step is still answered from the record."""
         with self._cond:
-            tensors = {
-                "segment": self.segment.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-            }
-            sessions = self.table.sessions()
-            meta = {
-                "steps_applied": self.steps_applied,
-                "group": self.group,
-                "last_step": {f"{s.session}\t{s.client}": s.last_step for s in sessions},
-                "records": {
-                    f"{s.session}\t{s.client}": [
-                        {"request_kind": kind, "request_step": step, **message_to_dict(entry.value)}
-                        for (kind, step), entry in list(s.replies.items())[-2:]
-                    ]
-                    for s in sessions
-                },
-                "sessions": {
-                    f"{s.session}\t{s.client}": {
-                        "mode": s.mode,
-                        "config": s.config,
-                        "codec": s.codec,
-                        "hello": s.hello,
-                        "index": s.index,
-                    }
-                    for s in sessions
-                },
-                **self.handoff.export(),
-                "rounds": self.rounds,
-                "schedule": self._schedule.export() if self._schedule else None,
-                "index_owner": {str(i): c for i, c in self._index_owner.items()},
-                "admission": self.admission.export(),
-                "stats": {name: asdict(st) for name, st in self.stats.items()},
-            }
-        return tensors, meta
+            return server_state.export_state(self)
 
     def import_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
         """Restore what :meth:`export_state` saved."""
         with self._cond:
-            self.segment.load_state_dict(tensors["segment"])
-            self.optimizer.load_state_dict(tensors["optimizer"])
-            self.steps_applied = int(meta["steps_applied"])
-            self.group = str(meta["group"])
-            self.handoff.restore(meta)
-            self.rounds = int(meta.get("rounds", 0))
-            self.admission.restore(meta.get("admission"))
-            schedule = self.schedule()
-            if schedule is not None:
-                schedule.restore(meta.get("schedule"))
-            self._index_owner = {int(i): str(c) for i, c in meta.get("index_owner", {}).items()}
-            self._index_used = set(self._index_owner)
-            bound = meta.get("sessions", {})
-            for key, last in meta["last_step"].items():
-                sid, client = key.split("\t", 1)
-                state = self.table.open(client, sid)
-                for item in meta["records"].get(key, []):
-                    reply_key = (str(item["request_kind"]), int(item["request_step"]))
-                    self.table.keep_reply(state, reply_key, message_from_dict(item))
-                state.last_step = int(last)
-                terms = bound.get(key)
-                if terms:
-                    state.mode, state.config = terms.get("mode"), terms.get("config")
-                    state.codec, state.hello = terms.get("codec"), bool(terms.get("hello"))
-                    state.family = codec_family(state.codec) if state.codec else None
-                    index = terms.get("index")
-                    state.index = None if index is None else int(index)
-            for name, st in meta["stats"].items():
-                self.stats[name] = ClientStats(**st)
+            server_state.import_state(self, tensors, meta)
 
     def status(self) -> dict[str, Any]:
-        """A JSON-able snapshot: per client counters and the latest probe."""
+        """A JSON-able snapshot: per client counters, the latest probes, what the server keeps
+        for its clients against its budget, and the run's members."""
         with self._cond:  # gRPC threads add clients and probes while we read
-            return {
-                "config": self.config,
-                "steps_applied": self.steps_applied,
-                "clients": {name: s.row() for name, s in sorted(self.stats.items())},
-                "last_probe": self.probes[-1] if self.probes else None,
-                "probes": dict(sorted(self.latest_probe.items())),
-                # what the server keeps for its clients, against its budget (issue 9)
-                "records": {
-                    "held_bytes": self.table.held(),
-                    "client_bytes_limit": self.table.limits.client_bytes,
-                    "total_bytes_limit": self.table.limits.total_bytes,
-                    "sessions": self.table.count(),
-                    "clients": {
-                        name: self.table.held(name) for name in sorted(self.table.clients())
-                    },
-                },
-                "run": {
-                    "members": list(self.admission.members),
-                    "finished": self.admission.finished,
-                },
-            }
+            return server_state.status(self)

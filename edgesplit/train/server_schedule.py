@@ -18,6 +18,8 @@ import math
 import threading
 from typing import Any
 
+from edgesplit.train.server_checks import PreconditionFailed
+
 #: A client's place in the order: (round, batch position, index).
 Position = tuple[int, float, int]
 
@@ -90,3 +92,52 @@ class SplitFedSchedule:
             return
         self._round = [int(r) for r in saved["round"]]
         self._batch = [int(b) for b in saved["batch"]]
+
+
+class IndexOwners:
+    """Which client holds each client index (vertical: party index). An index belongs to the
+    client that first used it in an answered request; another client naming it is refused.
+    Not thread-safe on its own: the server calls it under its lock."""
+
+    def __init__(self) -> None:
+        self._owner: dict[int, str] = {}
+        self._used: set[int] = set()
+
+    def claim(self, index: int, client: str) -> bool:
+        """Bind ``index`` to ``client``; returns whether this call made the claim (give it
+        back with :meth:`release` if the request then fails).
+
+        Raises
+        ------
+        PreconditionFailed
+            ``index`` belongs to another client.
+        """
+        new = index not in self._owner
+        owner = self._owner.setdefault(index, client)
+        if owner != client:
+            raise PreconditionFailed(
+                f"party/client index {index} belongs to client {owner!r}; client {client!r} "
+                "cannot take its place"
+            )
+        return new
+
+    def release(self, index: int) -> None:
+        """Give back a claim whose request failed: refused requests leave nothing behind."""
+        if index not in self._used:
+            self._owner.pop(index, None)
+
+    def used(self, index: int) -> None:
+        """A request under ``index`` was answered: the claim is kept for good."""
+        self._used.add(index)
+
+    def rename(self, index: int, old: str, new: str) -> None:
+        """Move ``index`` from ``old`` to ``new`` if ``old`` holds it."""
+        if self._owner.get(index) == old:
+            self._owner[index] = new
+
+    def export(self) -> dict[str, str]:
+        return {str(i): c for i, c in self._owner.items()}
+
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        self._owner = {int(i): str(c) for i, c in (saved or {}).items()}
+        self._used = set(self._owner)

@@ -9,13 +9,18 @@ given by the server's owner, or fixed by the first accepted contribution), with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgesplit.errors import ProtocolError
+from edgesplit.train.server_checks import PreconditionFailed, meta_float, meta_int, meta_str
+from edgesplit.train.server_records import Session
 from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
 from edgesplit.wire.messages import Kind, Message
+
+if TYPE_CHECKING:
+    from edgesplit.train.server import SplitServer
 
 #: name -> (shape, dtype name) of the lower segment's state dict.
 Schema = dict[str, tuple[tuple[int, ...], str]]
@@ -138,3 +143,103 @@ class HandOff:
         saved = meta.get("weight_schema")
         if saved:
             self.schema = {n: (tuple(s), str(d)) for n, (s, d) in saved.items()}
+
+
+class WeightExchange:
+    """WEIGHTS messages: the hand-off (``put``/``get``) and the FedAvg round (``average``).
+
+    :meth:`prepare` decodes and checks outside the server lock; :meth:`apply` runs under it
+    (a ``get`` or an ``average`` waits there, the lock released, for the others).
+    """
+
+    def __init__(self, schema: Schema | None = None) -> None:
+        self.handoff = HandOff(schema)
+        #: FedAvg rounds completed (splitfed).
+        self.rounds = 0
+
+    def prepare(self, host: SplitServer, message: Message) -> tuple[str, Any]:
+        """Decode and check a WEIGHTS request (changes nothing)."""
+        mode = meta_str(message, "mode")
+        if mode == "put":  # SplitNN hand-off: keep the lower weights for the next client
+            return mode, check_weights(message, host.limits, self.handoff.schema)
+        if mode == "get":  # wait for this client's turn: the hand-offs before it are done
+            return mode, meta_int(message, "turn", 0)
+        if mode == "average":  # splitfed: FedAvg over every client of the round
+            clients = meta_int(message, "clients", lo=1, hi=4096)
+            expected = host.expected_clients()
+            if expected is not None and clients != expected:
+                raise PreconditionFailed(
+                    f"this run averages {expected} clients; the message says clients={clients}"
+                )
+            rnd = meta_int(message, "round", lo=0)
+            index = meta_int(message, "index", lo=0, hi=clients - 1)
+            weight = meta_float(message, "n_samples", 1.0, positive=True)
+            group = meta_str(message, "group") or ""
+            weights = check_weights(message, host.limits, self.handoff.schema)
+            return mode, (clients, rnd, index, weight, group, weights)
+        raise ProtocolError(f"weights message needs meta mode put|get|average, got {mode!r}")
+
+    def apply(
+        self,
+        host: SplitServer,
+        message: Message,
+        prepared: tuple[str, Any],
+        session: Session | None,
+    ) -> Message:
+        """Apply a prepared WEIGHTS request (under the server lock)."""
+        mode, value = prepared
+        cond = host.lock
+        if mode == "put":
+            self.handoff.put(value)
+            cond.notify_all()
+            return Message(Kind.ACK, message.session, message.client, message.step)
+        if mode == "get":
+            return self._get(host, message, int(value))
+        clients, rnd, index, weight, group, weights = value
+        if self.handoff.schema is None:
+            self.handoff.schema = schema_of(weights.arrays)
+
+        def average(parts: dict[int, tuple[float, dict[str, np.ndarray]]]) -> dict[int, Message]:
+            tensors = host.guard(lambda: fedavg(parts))
+            return {k: Message(Kind.WEIGHTS, "", "", 0, tensors) for k in parts}
+
+        ordered = session is not None and session.index is not None
+        schedule = host.schedule() if ordered else None
+        if schedule is not None and session is not None and session.index != index:
+            raise PreconditionFailed(
+                f"FedAvg index {index} is not this session's client index {session.index}"
+            )
+        if schedule is not None:
+            schedule.averaging(index, rnd)  # out of the way of the others' remaining steps
+            cond.notify_all()
+        try:
+            reply = host.barriers.meet(
+                (f"avg:{group}", rnd), clients, index, (weight, weights.arrays), average
+            )
+        except BaseException:
+            if schedule is not None:
+                schedule.left(index)
+                cond.notify_all()
+            raise
+        if schedule is not None:
+            schedule.averaged(index, rnd)
+            cond.notify_all()
+        self.rounds = max(self.rounds, rnd + 1)
+        return Message(Kind.WEIGHTS, message.session, message.client, message.step, reply.tensors)
+
+    def _get(self, host: SplitServer, message: Message, turn: int) -> Message:
+        count = self.handoff
+        if not host.lock.wait_for(lambda: count.count >= turn, host.wait_timeout):
+            raise TimeoutError(
+                f"turn {turn} did not come within {host.wait_timeout:.0f}s "
+                f"({count.count} hand-offs so far)"
+            )
+        if count.count > turn:
+            # turn t is served right after the t-th hand-off; more means these turns
+            # belong to a run this server has already finished
+            raise PreconditionFailed(
+                f"turn {turn} was already taken ({count.count} hand-offs done): this "
+                "server finished an earlier run; start a fresh `edgesplit serve` (or a "
+                "fresh --state) for a new networked training run"
+            )
+        return self.handoff.reply(message)
