@@ -53,6 +53,7 @@ from edgesplit.train.spec import TrainSpec
 from edgesplit.transport import split_pb2
 from edgesplit.transport.grpc_client import GrpcTransport, fetch_status
 from edgesplit.transport.grpc_server import RunningServer, serve_handler
+from edgesplit.transport.tokens import Role, TokenGrant
 from edgesplit.wire.messages import Kind, Message, expect
 
 TOKENS = {"fuzzer": "fuzz-token-0123456789abcdef", "control": "ctrl-token-0123456789abcdef"}
@@ -277,7 +278,11 @@ def _control(address: str, step: int, frame: bytes) -> None:
 def start_server() -> RunningServer:
     server, _ = server_fresh(TrainSpec())
     server.wait_timeout = 2.0  # nothing here should make anyone wait long
-    return serve_handler(server.handle, "127.0.0.1", 0, tokens=TOKENS, status=server.status)
+    # the fuzzer trains (role=train: its status messages are refused); the control client also
+    # reads Status (role=admin)
+    admin = frozenset({Role.TRAIN, Role.ADMIN})
+    tokens = {**TOKENS, "control": TokenGrant(TOKENS["control"], admin)}
+    return serve_handler(server.handle, "127.0.0.1", 0, tokens=tokens, status=server.status)
 
 
 def run_fuzz(inputs: int, seconds: float, seed: int = 0, workers: int = 2,

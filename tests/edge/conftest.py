@@ -20,10 +20,14 @@ from edgesplit.train.engine import run_training
 from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import TrainSpec
 from edgesplit.transport.grpc_server import RunningServer, serve_handler
+from edgesplit.transport.tokens import Role, TokenGrant
 
 #: Client name -> bearer token of every test server.
 TOKENS = {"edge": "edge-token-0123456789", "peer": "peer-token-9876543210"}
 TOKEN = TOKENS["edge"]
+#: What every test server grants: ``edge`` trains and reads Status (role=train,admin); ``peer``
+#: is a plain training token (role=train), which Status refuses.
+SERVED = {**TOKENS, "edge": TokenGrant(TOKENS["edge"], frozenset({Role.TRAIN, Role.ADMIN}))}
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +123,7 @@ def serve() -> Iterator[Callable[[Exported], Served]]:
         ckpt = load_checkpoint(exported.checkpoint)
         engine = SplitServer(ckpt.spec.config, ckpt.parts.server, codec=ckpt.spec.codec,
                              grad_codec=ckpt.spec.grad_codec)
-        running = serve_handler(engine.handle, port=0, tokens=TOKENS, status=engine.status,
+        running = serve_handler(engine.handle, port=0, tokens=SERVED, status=engine.status,
                                 max_workers=4)
         started.append(running)
         return Served(engine, running)
@@ -172,7 +176,7 @@ def start_server() -> Iterator[Callable[..., tuple[SplitServer, RunningServer | 
                              grad_codec=ckpt.spec.grad_codec, lr=ckpt.spec.lr)
         if not grpc:
             return engine, None
-        running = serve_handler(engine.handle, port=0, tokens=TOKENS, status=engine.status,
+        running = serve_handler(engine.handle, port=0, tokens=SERVED, status=engine.status,
                                 max_workers=4)
         started.append(running)
         return engine, running

@@ -63,7 +63,9 @@ def test_infer_json(vanilla, serve, token, capsys):
     assert {"compute", "encode", "network"} <= set(report["latency_ms"])
     assert report["probes"] == 4 and report["codec"] == "q8+zstd"
     assert report["server"] == served.address and "pred" not in report
-    assert served.engine.stats["edge"].bytes_in == report["bytes_up"]
+    # bytes_up are the envelopes the transport carried; the server counts the frames in them
+    assert report["envelope_up"] > 0 and report["envelope_down"] > 0
+    assert served.engine.stats["edge"].bytes_in == report["bytes_up"] - report["envelope_up"]
 
 
 def test_train_uses_x_y_with_limit_and_shard(vanilla, serve, token, capsys):
@@ -72,7 +74,9 @@ def test_train_uses_x_y_with_limit_and_shard(vanilla, serve, token, capsys):
                         "--batch-size", "50", "--json")) == 0
     report = _json(capsys)
     assert (report["samples"], report["batches"], report["mode"]) == (100, 2, "train")
-    assert report["loss"] is not None and report["bytes_down"] == 0
+    # gradient replies carry no frame (want_grad is false): bytes_down is all envelope
+    assert report["loss"] is not None and report["bytes_down"] - report["envelope_down"] == 0
+    assert report["bytes_down"] > 0
     assert served.engine.stats["edge"].samples == 100
 
     assert main(_client(vanilla, served, token, "--mode", "train", "--shard", "1/4",
@@ -208,6 +212,11 @@ def test_status_json_and_table(vanilla, serve, token, capsys):
     assert main(["status", served.address, "--token", "wrong-token"]) == 2
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "token" in err[0], err
+
+    # peer's token (role=train only, see conftest) is known but may not read Status
+    assert main(["status", served.address, "--token", "peer-token-9876543210"]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "PERMISSION_DENIED" in err[0] and "role=admin" in err[0], err
 
 
 def test_status_prints_keys_it_does_not_know(capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from edgesplit.data import iid_shard_indices
 from edgesplit.edge.bundle import load_bundle
 from edgesplit.edge.runtime import EdgeClient, EdgeReport
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
+from edgesplit.transport.envelope import StreamIds, wire_size
 from edgesplit.transport.grpc_client import GrpcTransport, fetch_status
 from edgesplit.wire.frame import decode_frame, encode_frame, read_header
 from edgesplit.wire.messages import Kind, Message, expect
@@ -21,20 +22,38 @@ from edgesplit.wire.messages import Kind, Message, expect
 
 @dataclass
 class Recording:
-    """Wraps a transport and keeps every request and reply that crossed it."""
+    """Wraps a transport and keeps every request and reply that crossed it, and the serialised
+    envelope bytes the inner transport counted for each (``wire_up``, ``wire_down``)."""
 
     inner: object
     sent: list[Message] = field(default_factory=list)
     received: list[Message] = field(default_factory=list)
+    wire_up: list[int] = field(default_factory=list)
+    wire_down: list[int] = field(default_factory=list)
 
     def request(self, message: Message) -> Message:
+        up, down = self.wire_bytes_up, self.wire_bytes_down
         reply = self.inner.request(message)
         self.sent.append(message)
         self.received.append(reply)
+        self.wire_up.append(self.wire_bytes_up - up)
+        self.wire_down.append(self.wire_bytes_down - down)
         return reply
+
+    def clear(self) -> None:
+        for kept in (self.sent, self.received, self.wire_up, self.wire_down):
+            kept.clear()
 
     def close(self) -> None:
         self.inner.close()
+
+    @property
+    def wire_bytes_up(self) -> int:
+        return self.inner.wire_bytes_up
+
+    @property
+    def wire_bytes_down(self) -> int:
+        return self.inner.wire_bytes_down
 
     @property
     def reconnects(self) -> int:
@@ -61,6 +80,17 @@ def _frames_len(messages: list[Message]) -> int:
 
 def _fp32_len(frame: bytes) -> int:
     return len(encode_frame(np.zeros(read_header(frame).shape, np.float32), "fp32"))
+
+
+def _compacted_sizes(messages: list[Message]) -> list[int]:
+    """Serialised sizes of ``messages`` sent in order on one fresh stream (only the first
+    carries the session and client; a kind repeating the previous one is left out)."""
+    ids = StreamIds()
+    return [wire_size(ids.compact(m)) for m in messages]
+
+
+def _without(message: Message, name: str) -> Message:
+    return replace(message, tensors={k: v for k, v in message.tensors.items() if k != name})
 
 
 def _check_latency(report: EdgeReport) -> None:
@@ -96,24 +126,43 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         assert all(r.kind == Kind.GRADIENT and not r.tensors for r in rec.received[1:])
         labels = decode_frame(forwards[0].tensors["labels"])
         assert labels.dtype == np.uint8
+        # bit-packed: 10 classes take 4 bits a label
+        assert read_header(forwards[0].tensors["labels"]).payload_length == 64 * 4 // 8
         assert read_header(forwards[0].tensors["act"]).codec == "q8+zstd"
         probed = [i for i, m in enumerate(forwards) if "act_ref" in m.tensors]
         assert probed == list(range(0, n_batches, 5))
         assert read_header(forwards[0].tensors["act_ref"]).codec == "fp32"
 
-        # bytes: the sum of the real frames' lengths, and what the transport counted
-        assert train.bytes_up == _frames_len(rec.sent) == grpc_transport.bytes_up
-        assert train.bytes_down == _frames_len(rec.received) == grpc_transport.bytes_down == 0
-        assert train.bytes_probe == sum(len(m.tensors.get("act_ref", b"")) for m in forwards)
+        # bytes: the serialised envelopes the transport carried for the batches (HELLO and
+        # WELCOME not counted), as sent on the stream (session and repeated kinds compacted)
+        assert train.bytes_up == sum(rec.wire_up[1:]) == sum(_compacted_sizes(rec.sent)[1:])
+        assert train.bytes_up == grpc_transport.wire_bytes_up - rec.wire_up[0]
+        assert train.bytes_down == sum(rec.wire_down[1:]) == sum(
+            _compacted_sizes(rec.received)[1:])
+        assert train.bytes_down == grpc_transport.wire_bytes_down - rec.wire_down[0]
+        # of which frames: what the transport counted as frame bytes; the rest is envelope
+        assert train.bytes_up - train.envelope_up == _frames_len(rec.sent) \
+            == grpc_transport.bytes_up
+        assert train.bytes_down - train.envelope_down == _frames_len(rec.received) \
+            == grpc_transport.bytes_down == 0
+        assert train.envelope_up > 0 and train.envelope_down > 0  # gradient replies: no frame
+        # probes: what the act_ref entries add to the envelopes (frames, names and lengths)
+        assert train.bytes_probe == sum(wire_size(m) - wire_size(_without(m, "act_ref"))
+                                        for m in forwards)
+        assert train.bytes_probe > sum(len(m.tensors.get("act_ref", b"")) for m in forwards)
         # fp32 baseline: each act frame replaced by the fp32 frame of its tensor, nothing else
         acts = sum(len(m.tensors["act"]) for m in forwards)
         acts_fp32 = sum(_fp32_len(m.tensors["act"]) for m in forwards)
-        assert train.bytes_up_fp32 == train.bytes_up - acts + acts_fp32 > train.bytes_up
-        # the ratio is the codec's, from the frames that crossed: the fp32 probe copies left
+        fp32_extra = sum(
+            wire_size(replace(m, tensors={**m.tensors, "act": bytes(_fp32_len(m.tensors["act"]))}))
+            - wire_size(m) for m in forwards)
+        assert train.bytes_up_fp32 - train.bytes_up == fp32_extra >= acts_fp32 - acts > 0
+        # the ratio is the codec's, from the envelopes that crossed: the fp32 probe copies left
         # out of both sides, each act frame against the fp32 frame of its tensor
-        probes = sum(len(m.tensors.get("act_ref", b"")) for m in rec.sent)
-        sent = _frames_len(rec.sent) - probes
-        assert train.ratio_up == pytest.approx((sent - acts + acts_fp32) / sent)
+        sent = train.bytes_up - train.bytes_probe
+        assert train.ratio_up == pytest.approx(
+            (train.bytes_up_fp32 - train.bytes_probe) / (train.bytes_up - train.bytes_probe))
+        assert train.ratio_up == pytest.approx((sent + fp32_extra) / sent)
         assert train.ratio_up > 3.0   # q8 is a quarter of fp32 before zstd and headers
 
         assert train.samples == train.labelled == len(vanilla.x_train)
@@ -130,8 +179,7 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         assert probe["client"] == "edge" and probe["snr_db"] > 20
         assert probe["bytes_act_fp32"] > probe["bytes_act"]
 
-        rec.sent.clear()
-        rec.received.clear()
+        rec.clear()
         infer = EdgeClient(bundle, rec, mode="infer", probe_every=3).run(
             vanilla.x_test, vanilla.y_test, progress=False)
         assert infer.accuracy is not None and infer.accuracy >= 0.9
@@ -139,8 +187,9 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         assert infer.accuracy == pytest.approx(float(np.mean(infer.pred == vanilla.y_test)))
         assert all(m.kind == Kind.PREDICT and "labels" in m.tensors for m in rec.sent[1:])
         assert all(r.kind == Kind.PREDICTION for r in rec.received[1:])
-        assert infer.bytes_up == _frames_len(rec.sent)
-        assert infer.bytes_down == _frames_len(rec.received) > 0
+        assert infer.bytes_up == sum(rec.wire_up[1:]) and infer.bytes_down == sum(rec.wire_down[1:])
+        assert infer.bytes_up - infer.envelope_up == _frames_len(rec.sent)
+        assert infer.bytes_down - infer.envelope_down == _frames_len(rec.received) > 0
         assert infer.loss is not None  # the server reports a loss when it gets labels
         _check_latency(infer)
         assert infer.session != train.session
@@ -180,16 +229,53 @@ def test_ushape_infer_runs_the_head_on_the_device(ushape, serve, token):
     assert all("labels" not in m.tensors for m in rec.sent)
     assert all(r.kind == Kind.MIDDLE for r in rec.received[1:])
     assert report.accuracy is not None and report.accuracy >= 0.8
-    assert report.bytes_down == _frames_len(rec.received) > 0
+    assert report.bytes_down == sum(rec.wire_down[1:])
+    assert report.bytes_down - report.envelope_down == _frames_len(rec.received) > 0
     _check_latency(report)
 
 
-def test_wrong_server_configuration_is_a_config_error(ushape, vanilla, serve, token):
+def test_wrong_server_configuration_is_refused_naming_both(ushape, vanilla, serve, token):
+    """The server refuses a HELLO for another configuration (FAILED_PRECONDITION: a refusal,
+    not a malformed request), saying what the client was trained as and what it runs; nothing
+    past the HELLO is sent and the server trains on nothing."""
     served = serve(vanilla)
     bundle = load_bundle(ushape.bundle)
-    with GrpcTransport(served.address, token) as transport, \
-            pytest.raises(ConfigError, match="trained as ushape, but the server runs vanilla"):
-        EdgeClient(bundle, transport).run(ushape.x_test[:8], progress=False)
+    with GrpcTransport(served.address, token) as transport:
+        rec = Recording(transport)
+        with pytest.raises(TransportError, match="FAILED_PRECONDITION: this client was trained "
+                           "as ushape, but the server runs vanilla") as info:
+            EdgeClient(bundle, rec).run(ushape.x_test[:8], progress=False)
+    assert not isinstance(info.value, ProtocolError)
+    assert "connect to a ushape server, or use a vanilla bundle" in str(info.value)
+    assert [m.kind for m in rec.sent] == [Kind.HELLO] and rec.sent[0].meta["config"] == "ushape"
+    assert [r.kind for r in rec.received] == [Kind.ERROR]
+    assert served.engine.steps_applied == 0
+
+
+class WelcomeAs:
+    """A server that welcomes any HELLO as running ``config`` (it does not check HELLO's)."""
+
+    def __init__(self, config: str) -> None:
+        self.config = config
+        self.sent: list[Message] = []
+
+    def request(self, message: Message) -> Message:
+        self.sent.append(message)
+        return Message(Kind.WELCOME, message.session, message.client, message.step,
+                       meta={"config": self.config, "codec": "q8+zstd"})
+
+    def close(self) -> None:
+        pass
+
+
+def test_welcome_for_another_configuration_is_a_config_error(ushape):
+    """A server that welcomes the HELLO anyway still cannot get batches: the client compares
+    the WELCOME's configuration with its bundle's and stops with a ConfigError."""
+    server = WelcomeAs("vanilla")
+    with pytest.raises(ConfigError, match="'digits-ushape' was trained as ushape, but the "
+                       "server runs vanilla"):
+        EdgeClient(load_bundle(ushape.bundle), server).run(ushape.x_test[:8], progress=False)
+    assert [m.kind for m in server.sent] == [Kind.HELLO]
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def write_tokens(path: Path, names: list[str]) -> dict[str, str]:
+    """A token file for ``names``: each trains and reads Status (``role=train,admin``)."""
     tokens = {name: f"{name}-token-{i:04d}-abcdefghijkl" for i, name in enumerate(names)}
-    path.write_text("".join(f"{n} {t}\n" for n, t in tokens.items()))
+    path.write_text("".join(f"{n} {t} role=train,admin\n" for n, t in tokens.items()))
     path.chmod(0o600)
     return tokens
 

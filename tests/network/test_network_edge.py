@@ -66,11 +66,16 @@ def test_frozen_edge_client_train_and_infer_against_serve(tmp_path):
         train = edge_client(*common, "--mode", "train", "--probe-every", "4")
         infer = edge_client(*common, "--mode", "infer")
         status = fetch_status(server.address, tokens["ward-3"])
-    assert train["samples"] == len(data.y_train) and train["bytes_down"] == 0  # no gradients
+    # no gradients: the replies are envelopes without frames
+    assert train["samples"] == len(data.y_train)
+    assert train["bytes_down"] - train["envelope_down"] == 0 < train["bytes_down"]
     assert infer["samples"] == len(data.y_test) and infer["accuracy"] >= 0.9
     assert set(infer["latency_ms"]) >= {"compute", "encode", "network"}
-    # the server counted exactly the frames the client says it sent
-    assert status["clients"]["ward-3"]["bytes_in"] == train["bytes_up"] + infer["bytes_up"]
+    # the server counted exactly the frames the client says it sent (its envelope bytes less
+    # their non-frame part)
+    frames_up = [r["bytes_up"] - r["envelope_up"] for r in (train, infer)]
+    assert min(frames_up) > 0
+    assert status["clients"]["ward-3"]["bytes_in"] == sum(frames_up)
     probes = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(probes) == train["probes"] > 0
     assert all(p["client"] == "ward-3" and p["bytes_act"] < p["bytes_act_fp32"] for p in probes)
