@@ -285,6 +285,7 @@ class _Run:
             grad_codec=spec.grad_codec,
             lr=spec.lr,
             defense=self.defense,
+            num_classes=data.num_classes,
         )
         self.clients = [
             SplitClient(
@@ -294,6 +295,8 @@ class _Run:
                 codec=spec.codec,
                 grad_codec=spec.grad_codec,
                 num_classes=data.num_classes,
+                # labels as bare packed class ids: this server knows the class count
+                packed_labels=self.server.packs_labels(),
                 lr=spec.lr,
                 head=heads[i],
                 party=i if spec.config == "vertical" else None,

@@ -56,13 +56,14 @@ from edgesplit.train.server_checks import (
     meta_int,
 )
 from edgesplit.train.server_probes import ProbeLog
-from edgesplit.train.server_records import RecordLimits, Session, SessionTable
+from edgesplit.train.server_records import RecordLimits, Session, SessionTable, report_step
 from edgesplit.train.server_rules import Batch, rules_for
 from edgesplit.train.server_schedule import IndexOwners, SplitFedSchedule
 from edgesplit.train.server_segment import SegmentSteps
 from edgesplit.train.server_state import ClientStats
 from edgesplit.train.server_weights import HandOff, Schema, WeightExchange
 from edgesplit.wire.frame import FrameLimits
+from edgesplit.wire.labels import PACKED_LABELS
 from edgesplit.wire.messages import (
     Kind,
     Message,
@@ -148,8 +149,12 @@ class SplitServer(SegmentSteps):
         require_hello: bool = False,
         record_limits: RecordLimits | None = None,
         weight_schema: Schema | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.rules = rules_for(config)  # refuses an unknown configuration
+        #: The class count, when known up front (else the spec's, or the first logits'): packed
+        #: labels ``y`` carry no header and need it.
+        self.num_classes = num_classes
         self.config = config
         self.segment = segment
         self.optimizer = optimizer or torch.optim.SGD(
@@ -401,6 +406,8 @@ class SplitServer(SegmentSteps):
                 reply = self._apply(message, batch, session)
                 if reply.kind != Kind.ERROR:
                     session = session or self.table.open(message.client, message.session)
+                    if isinstance(batch, Batch):  # a training step (WEIGHTS prepare others)
+                        report_step(session, message, reply, len(batch.act))
                     if not self.table.keep_reply(session, key, reply):
                         log.warning(
                             "reply to %s step %d of %r (%d bytes) exceeds the record budget: "
@@ -529,6 +536,8 @@ class SplitServer(SegmentSteps):
                 "spec": self.spec,
                 "group": self.group,
                 "run_id": self.run_id,
+                # this server reads bare packed labels: a client may send them as tensor "y"
+                **({"labels": PACKED_LABELS} if self.packs_labels() else {}),
             },
         )
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from edgesplit.errors import ProtocolError
-from edgesplit.train.frames import decode_labels
 from edgesplit.train.server_checks import (
     InternalFault,
     PreconditionFailed,
@@ -103,8 +102,7 @@ class StepRules:
         self, host: SplitServer, message: Message, session: Session | None
     ) -> Batch:
         act = host.decode_act(message, session)
-        labels = host.labels(message, len(act)) if "labels" in message.tensors else None
-        return Batch(act, labels, host.reference(message, act))
+        return Batch(act, host.optional_labels(message, len(act)), host.reference(message, act))
 
     def prepare_middle_grad(
         self, host: SplitServer, message: Message, session: Session | None
@@ -199,8 +197,8 @@ class UShapeRules(StepRules):
     def prepare_forward(
         self, host: SplitServer, message: Message, session: Session | None
     ) -> Batch:
-        if "labels" in message.tensors:
-            raise ProtocolError("ushape clients keep their labels: do not send 'labels'")
+        if "labels" in message.tensors or "y" in message.tensors:
+            raise ProtocolError("ushape clients keep their labels: do not send 'labels' or 'y'")
         return Batch(host.decode_act(message, session))
 
     def apply_forward(
@@ -302,18 +300,7 @@ class VerticalRules(StepRules):
             )
         party = meta_int(message, "party", lo=0, hi=parties - 1)
         act = host.decode_act(message, session)
-        labels = (
-            decode_labels(message.tensors["labels"], host.limits)
-            if "labels" in message.tensors
-            else None
-        )
-        if labels is not None:
-            if labels.shape != (len(act),):
-                raise ProtocolError(
-                    f"labels shape {tuple(labels.shape)} does not match the batch of "
-                    f"{len(act)} activations"
-                )
-            host.check_classes(labels)
+        labels = host.optional_labels(message, len(act))
         ids = message.meta.get("ids")
         if ids is not None and not isinstance(ids, str):
             raise ProtocolError("vertical meta 'ids' must be the sample ids' digest (a string)")

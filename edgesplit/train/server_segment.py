@@ -33,6 +33,7 @@ from edgesplit.train.server_records import Session
 from edgesplit.train.server_rules import StepRules
 from edgesplit.train.server_state import ClientStats
 from edgesplit.wire.frame import FrameLimits, decode_frame, encode_frame
+from edgesplit.wire.labels import MAX_PACKED_CLASSES, PACKED_LABELS, unpack_labels
 from edgesplit.wire.messages import Kind, Message
 
 
@@ -54,6 +55,7 @@ class SegmentSteps:
     _probes: ProbeLog
     _cut_shape: tuple[int, ...] | None
     _classes: int | None
+    num_classes: int | None
 
     @property
     def controller(self) -> BitrateController | None:
@@ -113,16 +115,29 @@ class SegmentSteps:
                 "lower --lr, or use a finer codec for this cut"
             )
 
-    def check_classes(self, labels: torch.Tensor) -> None:
-        """Labels against the class count, before any forward pass, when it is known: from the
-        spec, or from the logits of an earlier step (the rules check after the forward pass
-        too, against the logits' width)."""
+    def known_classes(self) -> int | None:
+        """The class count if known before a forward pass: given, from the spec, or from the
+        logits of an earlier step."""
+        if self.num_classes is not None:
+            return self.num_classes
         shapes = self.spec.get("shapes")
         classes = shapes.get("num_classes") if isinstance(shapes, dict) else None
         if isinstance(classes, int) and not isinstance(classes, bool) and classes > 0:
+            return classes
+        return self._classes
+
+    def packs_labels(self) -> bool:
+        """Whether this server reads packed labels ``y`` (it knows the class count up front,
+        and the count fits 8-bit codes); a WELCOME says so."""
+        classes = self.known_classes()
+        return self.rules.logits and classes is not None and classes <= MAX_PACKED_CLASSES
+
+    def check_classes(self, labels: torch.Tensor) -> None:
+        """Labels against the class count, before any forward pass, when it is known (the rules
+        check after the forward pass too, against the logits' width)."""
+        classes = self.known_classes()
+        if classes is not None:
             check_labels(labels, classes)
-        elif self._classes is not None:
-            check_labels(labels, self._classes)
 
     def check_logits(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
         """Labels against the logits' width (remembered for the next pre-forward check)."""
@@ -169,7 +184,19 @@ class SegmentSteps:
         return act
 
     def labels(self, message: Message, batch: int) -> torch.Tensor:
-        """The labels frame, decoded and checked against the batch and the class count."""
+        """The labels (a ``labels`` frame or packed ``y``), decoded and checked against the batch
+        and the class count."""
+        if PACKED_LABELS in message.tensors:
+            if "labels" in message.tensors:
+                raise ProtocolError("send labels once: as a 'labels' frame or as packed 'y'")
+            classes = self.known_classes()
+            if classes is None or classes > MAX_PACKED_CLASSES:
+                raise ProtocolError(
+                    "packed labels 'y' need a server that knows the class count (its WELCOME "
+                    "says labels=y); send a 'labels' frame instead"
+                )
+            packed = unpack_labels(message.tensors[PACKED_LABELS], batch, classes)
+            return torch.from_numpy(packed)
         labels = decode_labels(message.frame("labels"), self.limits)
         if labels.shape != (batch,):
             raise ProtocolError(
@@ -178,6 +205,12 @@ class SegmentSteps:
             )
         self.check_classes(labels)
         return labels
+
+    def optional_labels(self, message: Message, batch: int) -> torch.Tensor | None:
+        """:meth:`labels` when the message carries some (PREDICT, a vertical party), else None."""
+        if "labels" in message.tensors or PACKED_LABELS in message.tensors:
+            return self.labels(message, batch)
+        return None
 
     def reference(self, message: Message, act: torch.Tensor) -> torch.Tensor | None:
         """The probe's fp32 copy of ``act``, decoded and checked; None when not a probe."""
@@ -191,9 +224,9 @@ class SegmentSteps:
     def count(
         self, client: str, n: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, Any]:
-        """Add a trained step to ``client``'s counters; returns the reply meta of that step:
-        the loss to 4 significant digits (for the client's progress, not its training) and the
-        correct count (the client knows its batch size, so ``n`` is not repeated)."""
+        """Add a trained step to ``client``'s counters; returns the step's loss and correct
+        count (:func:`~edgesplit.train.server_records.report_step` turns them into the reply's
+        report, when the client asks for one)."""
         value = float(loss.detach())
         correct = int((logits.argmax(1) == labels).sum())
         stats = self.stats[client]
@@ -202,7 +235,7 @@ class SegmentSteps:
         stats.labelled += n
         stats.loss_sum += value * n
         stats.correct += correct
-        return {"loss": float(f"{value:.4g}"), "correct": correct}
+        return {"loss": value, "correct": correct}
 
     def prediction(
         self, message: Message, logits: torch.Tensor, labels: torch.Tensor | None
