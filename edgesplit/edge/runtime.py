@@ -17,13 +17,18 @@ ushape bundle this also runs the head locally, counted in ``compute``).
 Message flow (docs/protocol.md):
 
 * ``HELLO{mode, codec, runtime: "edge", bundle sha256}`` → ``WELCOME``, once per session.
-* ``train``: ``FORWARD{act, labels, [act_ref]} meta{train: true, want_grad: false}`` →
-  ``GRADIENT meta{loss, correct, n}`` without a ``grad``: a frozen client applies nothing, the
-  server trains its own layers on what the codec let through. (A bundle exported with
+* ``train``: ``FORWARD{act, y, [act_ref]} meta{train: true, want_grad: false}`` →
+  ``GRADIENT`` without a ``grad``: a frozen client applies nothing, the server trains its own
+  layers on what the codec let through. The last batch's FORWARD also carries ``report: true``,
+  and its GRADIENT ``meta{loss, correct, n}``: the server's loss and correct count over the
+  run's ``n`` trained samples (the other replies carry none). (A bundle exported with
   ``--trainable`` trains its own layers too: :class:`edgesplit.edge.trainer.EdgeTrainer`.)
-* ``infer``: ``PREDICT{act, [labels], [act_ref]}`` → ``PREDICTION{pred}``, or for a ushape
+* ``infer``: ``PREDICT{act, [y], [act_ref]}`` → ``PREDICTION{pred}``, or for a ushape
   bundle ``MIDDLE{mid}``, which the bundle's head turns into class ids on the device (labels of
   a ushape client never leave it).
+
+Labels travel as ``y``, bare bit-packed class ids (:func:`edgesplit.wire.labels.pack_labels`),
+when the WELCOME says ``labels: "y"``; else as a ``labels`` frame (:func:`labels_frame`).
 
 Every ``probe_every``-th batch also carries ``act_ref``: the same activations as an fp32 frame,
 so the server can measure what the codec costs in accuracy and SNR on real device data.
@@ -48,6 +53,7 @@ from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
 from edgesplit.transport.envelope import wire_size
 from edgesplit.wire.frame import decode_frame, encode_frame, fp32_frame_size
+from edgesplit.wire.labels import MAX_PACKED_CLASSES, PACKED_LABELS, pack_labels
 from edgesplit.wire.messages import Kind, Message, expect, ids_digest
 
 MODES = ("infer", "train")
@@ -425,7 +431,8 @@ class EdgeClient:
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size]
                 yb = y[idx] if y is not None else None
-                out = self._batch(x[idx], yb, idx, batches, totals)
+                out = self._batch(x[idx], yb, idx, batches, totals,
+                                  last=start + self.batch_size >= n)
                 if pred is not None and out is not None:
                     pred[idx] = out
                 batches += 1
@@ -464,10 +471,20 @@ class EdgeClient:
         )
         return report
 
+    def labels_tensor(self, y: np.ndarray) -> tuple[str, bytes]:
+        """The tensor name and bytes ``y`` travels as: packed ``y`` when the server's WELCOME
+        says it reads them (``labels: "y"``), else a bit-packed labels frame."""
+        classes = self.bundle.num_classes
+        if (self.welcome or {}).get("labels") == PACKED_LABELS and classes <= MAX_PACKED_CLASSES:
+            return PACKED_LABELS, pack_labels(y, classes)
+        return "labels", labels_frame(y, self.bundle)
+
     def _batch(
-        self, xb: np.ndarray, yb: np.ndarray | None, ids: np.ndarray, index: int, t: _Totals
+        self, xb: np.ndarray, yb: np.ndarray | None, ids: np.ndarray, index: int, t: _Totals,
+        last: bool = False,
     ) -> np.ndarray | None:
-        """One request; returns the batch's class ids in infer mode."""
+        """One request; returns the batch's class ids in infer mode. ``last``: the run's last
+        batch (a training FORWARD then asks for the server's report)."""
         start = time.perf_counter()
         act = self.bundle.run(self.bundle.select_features(xb))
         t_compute = time.perf_counter()
@@ -476,13 +493,17 @@ class EdgeClient:
         ushape = self.bundle.config == "ushape"
         # ushape keeps its labels on the device: that is the point of the configuration
         if yb is not None and not ushape:
-            # bit-packed, as the torch client sends them (10 classes: 4 bits a label)
-            tensors["labels"] = labels_frame(yb, self.bundle)
+            name, data = self.labels_tensor(yb)
+            tensors[name] = data
         probe = self.probe_every > 0 and index % self.probe_every == 0
         if probe:
             tensors["act_ref"] = encode_frame(act, "fp32")
         # vertical parties prove they send the same samples in the same order (row positions)
-        extra = {"ids": ids_digest(ids)} if self.bundle.feature_block is not None else {}
+        extra: dict[str, Any] = (
+            {"ids": ids_digest(ids)} if self.bundle.feature_block is not None else {})
+        if self.mode == "train" and last:
+            # the server's loss and correct count over this session's steps, once a run
+            extra["report"] = True
         t_encode = time.perf_counter()
         if self.mode == "train":
             reply = expect(
@@ -515,7 +536,9 @@ class EdgeClient:
             t.probes += 1
             t.bytes_probe += -_resized(sent.message, "act_ref", None)
         if self.mode == "train":
-            if yb is not None:
+            # a reply carries the server's report only when asked (report: true); it covers
+            # the session's steps since its previous report, and a reply without one none
+            if yb is not None and "loss" in reply.meta:
                 t.correct += int(reply.meta.get("correct", 0))
                 t.labelled += int(reply.meta.get("n", len(xb)))
             self._add_loss(t, reply, len(xb))

@@ -7,8 +7,11 @@ in; one gradient per parameter out), an inference template and the initial param
 batch the device:
 
 1. runs the forward graph with its current parameters → cut, residuals;
-2. sends ``FORWARD{act, labels} meta{train: true, want_grad: true}``; the server trains its
-   layers and answers ``GRADIENT{grad}`` (the gradient of the loss w.r.t. the decoded cut);
+2. sends ``FORWARD{act, y} meta{train: true, want_grad: true}`` (labels packed as ``y`` when
+   the WELCOME says ``labels: "y"``, else a ``labels`` frame); the server trains its layers and
+   answers ``GRADIENT{grad}`` (the gradient of the loss w.r.t. the decoded cut). The last batch
+   of each epoch also asks ``report: true``: that reply's ``loss``/``correct``/``n`` cover the
+   session's steps since its previous report (the epoch), the others carry none;
 3. runs the backward graph (residuals, grad) → parameter gradients; the residuals are dropped
    here, so they only live between one step's forward and backward;
 4. updates the parameters with a numpy optimizer (:mod:`edgesplit.edge.optim`).
@@ -48,7 +51,7 @@ from edgesplit.edge.bundle import (
     validate_manifest,
 )
 from edgesplit.edge.optim import Optimizer, make_optimizer
-from edgesplit.edge.runtime import EdgeClient, _Exchange, _progress, _resized, labels_frame
+from edgesplit.edge.runtime import EdgeClient, _Exchange, _progress, _resized
 from edgesplit.errors import ConfigError, ExportError, ProtocolError, TrainingDiverged
 from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
@@ -553,8 +556,14 @@ class EdgeTrainer(EdgeClient):
 
     # ------------------------------------------------------------------ one step
     def train_step(self, xb: np.ndarray, yb: np.ndarray | None,
-                   ids: np.ndarray | None = None) -> tuple[float, int, int]:
+                   ids: np.ndarray | None = None, *, report: bool = True
+                   ) -> tuple[float, int, int]:
         """Forward, exchange, backward, update. Returns (loss, correct, n) from the server.
+
+        ``report``: ask the server for its loss and correct count over this session's steps
+        since its previous report (``n`` samples; :meth:`fit` asks on the last batch of each
+        epoch). A reply without a report returns ``(0.0, 0, 0)``. ushape computes its loss
+        here, so each of its steps returns its own batch's.
 
         Raises
         ------
@@ -567,9 +576,12 @@ class EdgeTrainer(EdgeClient):
         t1 = time.perf_counter()
         tensors = {"act": encode_frame(cut, self.codec)}
         if yb is not None and self.model.head is None:   # ushape labels stay on the device
-            tensors["labels"] = labels_frame(yb, self.bundle)   # bit-packed
-        extra = {"ids": ids_digest(ids)} if self.bundle.feature_block is not None and \
-            ids is not None else {}
+            name, data = self.labels_tensor(yb)   # packed y, or a bit-packed labels frame
+            tensors[name] = data
+        extra: dict[str, Any] = {"ids": ids_digest(ids)} \
+            if self.bundle.feature_block is not None and ids is not None else {}
+        if report and self.model.head is None:
+            extra["report"] = True
         t2 = time.perf_counter()
         step = self.step
         reply = expect(self._request(Kind.FORWARD, tensors, train=True, want_grad=True, **extra),
@@ -603,6 +615,8 @@ class EdgeTrainer(EdgeClient):
             return result
         meta = reply.meta
         loss = meta.get("loss")
+        if "loss" not in meta:
+            return 0.0, 0, 0   # not asked for a report: it comes with a later step
         return (float(loss) if isinstance(loss, int | float) else float("nan"),
                 int(meta.get("correct", 0)), int(meta.get("n", len(xb))))
 
@@ -659,7 +673,8 @@ class EdgeTrainer(EdgeClient):
                 while self.batch < len(batches):
                     idx = batches[self.batch]
                     loss, correct, count = self.train_step(
-                        x[idx], y[idx] if y is not None else None, idx)
+                        x[idx], y[idx] if y is not None else None, idx,
+                        report=self.batch == len(batches) - 1)   # the epoch's report
                     self._epoch_sums[0] += loss * count
                     self._epoch_sums[1] += correct
                     self._epoch_sums[2] += count

@@ -116,13 +116,15 @@ class Served:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[Exported], Served]]:
-    """Start a real gRPC server for an export's checkpoint (fresh server weights each call)."""
+    """Start a real gRPC server for an export's checkpoint (fresh server weights each call).
+    It knows the class count, as ``edgesplit serve`` does, so its WELCOME offers packed labels
+    ``y`` (``start_server`` does not: its clients send labels frames)."""
     started: list[RunningServer] = []
 
     def start(exported: Exported) -> Served:
         ckpt = load_checkpoint(exported.checkpoint)
         engine = SplitServer(ckpt.spec.config, ckpt.parts.server, codec=ckpt.spec.codec,
-                             grad_codec=ckpt.spec.grad_codec)
+                             grad_codec=ckpt.spec.grad_codec, num_classes=ckpt.num_classes)
         running = serve_handler(engine.handle, port=0, tokens=SERVED, status=engine.status,
                                 max_workers=4)
         started.append(running)

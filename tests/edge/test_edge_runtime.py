@@ -16,7 +16,8 @@ from edgesplit.edge.runtime import EdgeClient, EdgeReport
 from edgesplit.errors import ConfigError, ProtocolError, TransportError
 from edgesplit.transport.envelope import StreamIds, wire_size
 from edgesplit.transport.grpc_client import GrpcTransport, fetch_status
-from edgesplit.wire.frame import decode_frame, encode_frame, read_header
+from edgesplit.wire.frame import encode_frame, read_header
+from edgesplit.wire.labels import pack_labels
 from edgesplit.wire.messages import Kind, Message, expect
 
 
@@ -122,12 +123,20 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         n_batches = math.ceil(len(vanilla.x_train) / 64)
         assert train.batches == len(forwards) == n_batches
         assert all(m.kind == Kind.FORWARD for m in forwards)
-        assert all(m.meta == {"train": True, "want_grad": False} for m in forwards)
+        # only the last batch asks for the server's report; only its reply carries one
+        assert all(m.meta == {"train": True, "want_grad": False} for m in forwards[:-1])
+        assert forwards[-1].meta == {"train": True, "want_grad": False, "report": True}
         assert all(r.kind == Kind.GRADIENT and not r.tensors for r in rec.received[1:])
-        labels = decode_frame(forwards[0].tensors["labels"])
-        assert labels.dtype == np.uint8
-        # bit-packed: 10 classes take 4 bits a label
-        assert read_header(forwards[0].tensors["labels"]).payload_length == 64 * 4 // 8
+        assert all("loss" not in r.meta for r in rec.received[1:-1])
+        last = rec.received[-1].meta
+        assert last["n"] == len(vanilla.x_train) and 0 <= last["correct"] <= last["n"]
+        # the server knows the class count (WELCOME labels=y): labels travel as bare packed
+        # class ids, 4 bits a label for 10 classes, no frame header
+        assert rec.received[0].meta["labels"] == "y"
+        assert all("labels" not in m.tensors for m in forwards)
+        order = np.random.default_rng(0).permutation(len(vanilla.x_train))
+        assert forwards[0].tensors["y"] == pack_labels(vanilla.y_train[order[:64]], 10)
+        assert len(forwards[0].tensors["y"]) == 64 * 4 // 8
         assert read_header(forwards[0].tensors["act"]).codec == "q8+zstd"
         probed = [i for i, m in enumerate(forwards) if "act_ref" in m.tensors]
         assert probed == list(range(0, n_batches, 5))
@@ -168,6 +177,10 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         assert train.samples == train.labelled == len(vanilla.x_train)
         assert train.accuracy is not None and train.accuracy > 0.85
         assert train.loss is not None and 0 < train.loss < 1
+        # the report is the server's own count of this run's steps
+        stats = served.engine.stats["edge"]
+        assert train.accuracy == stats.correct / stats.labelled == last["correct"] / last["n"]
+        assert train.loss == pytest.approx(stats.loss_sum / stats.labelled, rel=1e-3)
         assert train.probes == len(probed) and train.predictions == 0 and train.pred is None
         assert train.reconnects == 0 and train.resends == 0
         _check_latency(train)
@@ -185,7 +198,8 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
         assert infer.accuracy is not None and infer.accuracy >= 0.9
         assert infer.predictions == len(vanilla.x_test) == len(infer.pred)
         assert infer.accuracy == pytest.approx(float(np.mean(infer.pred == vanilla.y_test)))
-        assert all(m.kind == Kind.PREDICT and "labels" in m.tensors for m in rec.sent[1:])
+        assert all(m.kind == Kind.PREDICT and "y" in m.tensors and "labels" not in m.tensors
+                   for m in rec.sent[1:])
         assert all(r.kind == Kind.PREDICTION for r in rec.received[1:])
         assert infer.bytes_up == sum(rec.wire_up[1:]) and infer.bytes_down == sum(rec.wire_down[1:])
         assert infer.bytes_up - infer.envelope_up == _frames_len(rec.sent)

@@ -12,7 +12,8 @@ from edgesplit.edge.bundle import load_bundle
 from edgesplit.edge.runtime import EdgeClient, labels_frame
 from edgesplit.transport.envelope import wire_size
 from edgesplit.transport.grpc_client import GrpcTransport
-from edgesplit.wire.frame import decode_frame, encode_frame, read_header
+from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.labels import pack_labels, unpack_labels
 from edgesplit.wire.messages import Kind, Message
 
 
@@ -78,12 +79,13 @@ def test_edge_report_counts_the_envelopes_it_sends_and_receives(vanilla, serve, 
     assert report.envelope_down == report.bytes_down - frames_down > 0
     # the server counts frames: the same frames arrived
     assert served.engine.stats["edge"].bytes_in == report.bytes_up - report.envelope_up
-    # labels: bit-packed at 4 bits for 10 classes
+    # labels: the WELCOME offers packed labels, so bare class ids at 4 bits for 10 classes
+    assert hello[1].meta["labels"] == "y"
     first = batches[0][0]
-    assert read_header(first.tensors["labels"]).dtype == np.uint8
-    assert first.tensors["labels"] == labels_frame(y[:64], bundle)
-    np.testing.assert_array_equal(decode_frame(first.tensors["labels"]), y[:64])
-    assert len(first.tensors["labels"]) < 64
+    assert "labels" not in first.tensors
+    assert first.tensors["y"] == pack_labels(y[:64], 10)
+    np.testing.assert_array_equal(unpack_labels(first.tensors["y"], 64, 10), y[:64])
+    assert len(first.tensors["y"]) == 32
     # probes: what their tensor entries add to the envelopes
     probed = [m for m, *_ in batches if "act_ref" in m.tensors]
     assert len(probed) == report.probes == 2
@@ -102,3 +104,27 @@ def test_edge_report_counts_the_envelopes_it_sends_and_receives(vanilla, serve, 
         wire_size(m) - wire_size(w) for m, w in zip(probed, without, strict=True)
     )
     assert report.bytes_up_fp32 > report.bytes_up and report.ratio_up > 3
+
+
+def test_labels_travel_as_a_frame_when_the_welcome_offers_no_packed_labels(
+    vanilla, start_server, token
+):
+    """A server that does not know the class count up front says nothing about ``labels`` in
+    its WELCOME: the client then sends a bit-packed labels frame, never ``y``."""
+    _engine, running = start_server(vanilla.checkpoint)
+    bundle = load_bundle(vanilla.bundle)
+    x, y = vanilla.x_test[:100], vanilla.y_test[:100]
+    with GrpcTransport(running.address, token) as grpc:
+        counting = Counting(grpc)
+        report = EdgeClient(bundle, counting, mode="train", batch_size=50).run(
+            x, y, progress=False
+        )
+    (hello, welcome, *_), *batches = counting.exchanges
+    assert "labels" not in welcome.meta
+    assert all("y" not in m.tensors for m, *_ in batches)
+    order = np.random.default_rng(0).permutation(100)
+    first = batches[0][0]
+    assert first.tensors["labels"] == labels_frame(y[order[:50]], bundle)
+    # the last batch asked for the report, and it covers both batches
+    assert [m.meta.get("report") for m, *_ in batches] == [None, True]
+    assert report.labelled == 100 and report.accuracy is not None and report.loss is not None

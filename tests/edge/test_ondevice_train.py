@@ -33,6 +33,8 @@ from edgesplit.train.server import SplitServer
 from edgesplit.train.spec import TrainSpec
 from edgesplit.transport.grpc_client import GrpcTransport
 from edgesplit.transport.inprocess import InProcessTransport
+from edgesplit.wire.labels import pack_labels
+from edgesplit.wire.messages import Kind
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = """
@@ -177,9 +179,73 @@ def test_a_rebooted_device_resumes_from_its_checkpoint(trainable, start_server, 
 
     clean_engine, _ = start_server(trainable.checkpoint, grpc=False)
     clean = load_trainable(trainable.bundle)
-    EdgeTrainer(clean, InProcessTransport(clean_engine.handle)).fit(x, y, epochs=2)
+    clean_report = EdgeTrainer(clean, InProcessTransport(clean_engine.handle)).fit(
+        x, y, epochs=2)
     for a, b in zip(second.model.params, clean.params, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    # the epoch's report (asked on its last batch) covers the steps sent before the reboot too
+    assert [h["train_accuracy"] for h in resumed.history] == \
+        [h["train_accuracy"] for h in clean_report.history]
+    assert [h["loss"] for h in resumed.history] == \
+        pytest.approx([h["loss"] for h in clean_report.history], rel=1e-3)
+
+
+class _Recorded:
+    """An in-process transport that keeps every request and reply."""
+
+    def __init__(self, handler) -> None:
+        self.inner = InProcessTransport(handler)
+        self.sent: list = []
+        self.received: list = []
+
+    @property
+    def wire_bytes_up(self) -> int:
+        return self.inner.wire_bytes_up
+
+    @property
+    def wire_bytes_down(self) -> int:
+        return self.inner.wire_bytes_down
+
+    def request(self, message):
+        reply = self.inner.request(message)
+        self.sent.append(message)
+        self.received.append(reply)
+        return reply
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_trainer_sends_packed_labels_and_asks_for_one_report_an_epoch(trainable):
+    """Against a server that knows the class count (WELCOME labels=y) the device sends labels as
+    packed ``y``, asks ``report: true`` on the last batch of each epoch only, and its per-epoch
+    loss and accuracy are the server's own counts of that epoch's steps."""
+    ckpt = load_checkpoint(trainable.checkpoint)
+    engine = SplitServer(ckpt.spec.config, ckpt.parts.server, codec=ckpt.spec.codec,
+                         grad_codec=ckpt.spec.grad_codec, lr=ckpt.spec.lr, num_classes=10)
+    x, y = trainable.x_train[:200], trainable.y_train[:200]
+    transport = _Recorded(engine.handle)
+    trainer = EdgeTrainer(load_trainable(trainable.bundle), transport, seed=0)
+    report = trainer.fit(x, y, epochs=2)
+    assert transport.received[0].meta["labels"] == "y"
+    forwards = [(m, r) for m, r in zip(transport.sent, transport.received, strict=True)
+                if m.kind == Kind.FORWARD]
+    assert len(forwards) == 2 * 7   # 200 samples in batches of 32
+    assert all("y" in m.tensors and "labels" not in m.tensors for m, _ in forwards)
+    order = trainer.epoch_order(200, 0)
+    assert forwards[0][0].tensors["y"] == pack_labels(y[order[:32]], 10)
+    asked = [i for i, (m, _) in enumerate(forwards) if m.meta.get("report") is True]
+    assert asked == [6, 13]
+    assert [i for i, (_, r) in enumerate(forwards) if "loss" in r.meta] == asked
+    assert all(forwards[i][1].meta["n"] == 200 for i in asked)
+    stats = engine.stats["edge"]
+    epochs = report.history
+    assert len(epochs) == 2 and stats.labelled == 400
+    correct = [forwards[i][1].meta["correct"] for i in asked]
+    assert [h["train_accuracy"] for h in epochs] == [c / 200 for c in correct]
+    assert sum(correct) == stats.correct
+    assert report.train_accuracy == correct[1] / 200
+    assert sum(h["loss"] for h in epochs) * 200 == pytest.approx(stats.loss_sum, rel=1e-3)
 
 
 def test_numpy_optimizers_follow_torch():
