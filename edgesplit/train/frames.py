@@ -58,11 +58,14 @@ class TensorCodec:
     def from_spec(
         cls, spec: str | Codec, *, measure_snr: bool = True, limits: FrameLimits = DEFAULT_LIMITS
     ) -> TensorCodec:
-        return cls(
-            parse_codec(spec) if isinstance(spec, str) else spec,
-            measure_snr=measure_snr,
-            limits=limits,
-        )
+        """A codec for ``spec``. Stochastic rounding draws from a generator seeded from torch's
+        global generator, so a run seeded with ``torch.manual_seed`` is reproducible (an
+        unseeded one made two runs of the same seed differ by up to 1.6 points on digits)."""
+        codec = parse_codec(spec) if isinstance(spec, str) else spec
+        if codec.stochastic:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            codec = Codec(codec.stages, rng=np.random.default_rng(seed))
+        return cls(codec, measure_snr=measure_snr, limits=limits)
 
     def encode(self, tensor: torch.Tensor, *, fit: bool = False) -> bytes:
         """The frame of ``tensor``; with ``fit``, its codes also count towards the next
