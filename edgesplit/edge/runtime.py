@@ -350,28 +350,37 @@ class EdgeClient:
         Raises
         ------
         ConfigError
-            The server runs another split configuration than the bundle was trained in.
-        ProtocolError, TransportError
-            The server refused or is unreachable.
+            The server refuses this client's settings (a ``FAILED_PRECONDITION`` reply to the
+            HELLO: another split configuration, training run, codec, ...; the message is one
+            line quoting the server), or its WELCOME names another configuration than the
+            bundle was trained in.
+        ProtocolError
+            The server found the HELLO malformed (``INVALID_ARGUMENT``).
+        TransportError
+            Any other refusal (a token without the role, ...), or the server is unreachable.
         """
         files = self.bundle.manifest["files"]
         sha = self.bundle.manifest["sha256"].get(files["client"], "")
-        reply = expect(
-            self._request(
-                Kind.HELLO,
-                {},
-                config=self.bundle.config,
-                mode=self.mode,
-                codec=self.codec.spec,
-                grad_codec=self.bundle.grad_codec,
-                runtime=RUNTIME,
-                bundle=self.bundle.name,
-                bundle_sha256=sha,
-                # the server refuses a bundle of another training run than its own
-                **({"run_id": self.bundle.run_id} if self.bundle.run_id else {}),
-            ),
-            Kind.WELCOME,
+        answer = self._request(
+            Kind.HELLO,
+            {},
+            config=self.bundle.config,
+            mode=self.mode,
+            codec=self.codec.spec,
+            grad_codec=self.bundle.grad_codec,
+            runtime=RUNTIME,
+            bundle=self.bundle.name,
+            bundle_sha256=sha,
+            # the server refuses a bundle of another training run than its own
+            **({"run_id": self.bundle.run_id} if self.bundle.run_id else {}),
         )
+        if answer.kind == Kind.ERROR and answer.meta.get("code") == "FAILED_PRECONDITION":
+            # not a fault of the link or of the message: this bundle or these settings do not
+            # fit the run the server serves, and asking again will not change that
+            said = " ".join(str(answer.meta.get("message", "")).split()) or "no reason given"
+            raise ConfigError(f"the server refused bundle {self.bundle.name!r} "
+                              f"({self.bundle.config}, {self.mode}, {self.codec.spec}): {said}")
+        reply = expect(answer, Kind.WELCOME)
         welcome = dict(reply.meta)
         server_config = welcome.get("config")
         if server_config is not None and server_config != self.bundle.config:

@@ -250,19 +250,23 @@ def test_ushape_infer_runs_the_head_on_the_device(ushape, serve, token):
 
 def test_wrong_server_configuration_is_refused_naming_both(ushape, vanilla, serve, token):
     """The server refuses a HELLO for another configuration (FAILED_PRECONDITION: a refusal,
-    not a malformed request), saying what the client was trained as and what it runs; nothing
-    past the HELLO is sent and the server trains on nothing."""
+    not a malformed request), saying what the client was trained as and what it runs; the
+    client raises a ConfigError of one line quoting it. Nothing past the HELLO is sent and the
+    server trains on nothing."""
     served = serve(vanilla)
     bundle = load_bundle(ushape.bundle)
     with GrpcTransport(served.address, token) as transport:
         rec = Recording(transport)
-        with pytest.raises(TransportError, match="FAILED_PRECONDITION: this client was trained "
-                           "as ushape, but the server runs vanilla") as info:
+        with pytest.raises(ConfigError, match="the server refused bundle 'digits-ushape' "
+                           r"\(ushape, infer, .*\): this client was trained as ushape, but "
+                           "the server runs vanilla") as info:
             EdgeClient(bundle, rec).run(ushape.x_test[:8], progress=False)
-    assert not isinstance(info.value, ProtocolError)
-    assert "connect to a ushape server, or use a vanilla bundle" in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "connect to a ushape server, or use a vanilla bundle" in message
     assert [m.kind for m in rec.sent] == [Kind.HELLO] and rec.sent[0].meta["config"] == "ushape"
     assert [r.kind for r in rec.received] == [Kind.ERROR]
+    assert rec.received[0].meta["code"] == "FAILED_PRECONDITION"
     assert served.engine.steps_applied == 0
 
 
