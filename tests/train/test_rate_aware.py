@@ -188,3 +188,20 @@ def test_a_bottleneck_goes_after_the_feature_extractor_by_default() -> None:
     assert resolve_cuts(TrainSpec(bottleneck="16:2"), (64,)) == ("relu1",)
     # a cut the user names wins
     assert resolve_cuts(TrainSpec(cut="relu2", bottleneck="16:2"), image) == ("relu2",)
+
+
+def test_a_seeded_run_with_stochastic_gradients_is_reproducible() -> None:
+    from edgesplit.train.engine import run_training
+    from edgesplit.train.spec import TrainSpec
+
+    spec = TrainSpec(data="digits", epochs=2, bottleneck="8:2", seed=3)
+    assert spec.bottleneck and "stochastic" in BottleneckSpec.parse(spec.bottleneck).grad_codec
+    first, second = run_training(spec), run_training(spec)
+    assert first.result.accuracy == second.result.accuracy
+    assert first.result.bytes_up == second.result.bytes_up
+    for a, b in zip(
+        first.server_segment.state_dict().values(),
+        second.server_segment.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
