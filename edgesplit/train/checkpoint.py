@@ -4,7 +4,9 @@ Layout::
 
     CHECKPOINT/
       checkpoint.json    schema version, run_id (uuid hex, new at each save), the TrainSpec,
-                         shapes, cuts, feature blocks, result
+                         shapes, cuts, feature blocks, result, and the drift reference: per
+                         client segment (vertical: per party), statistics of the decoded cut
+                         activations of the training data (:mod:`.server_drift`)
       client-<k>.pt      client segment k (one, or one per vertical party)
       head.pt            ushape only: the client's last layers
       server.pt          the server segment
@@ -25,6 +27,7 @@ import torch
 from edgesplit.codecs.entropy import register_json
 from edgesplit.errors import CodecError, ConfigError
 from edgesplit.train.engine import SplitParts, TrainedSplit, build_split
+from edgesplit.train.server_drift import DriftGuard
 from edgesplit.train.spec import TrainSpec
 
 SCHEMA_VERSION = 1
@@ -60,7 +63,7 @@ def save_checkpoint(path: str | Path, trained: TrainedSplit) -> Path:
         "feature_blocks": [list(b) for b in trained.feature_blocks],
         "parties": len(segments),
         "result": trained.result.to_json(),
-        **trained.meta,  # per-client codecs and their entropy models
+        **trained.meta,  # per-client codecs, their entropy models, the drift reference
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return out
@@ -88,6 +91,21 @@ class Checkpoint:
         """The run id written at save time (``None`` for checkpoints older than it)."""
         value = self.meta.get("run_id")
         return str(value) if value else None
+
+    def drift_guard(self, policy: str = "flag") -> DriftGuard | None:
+        """A :class:`~edgesplit.train.server_drift.DriftGuard` screening a served server's
+        incoming activations against this run's training reference; ``None`` for a checkpoint
+        without one (saved before references existed, or from a run that diverged).
+
+        Raises
+        ------
+        ConfigError
+            An unknown policy, or a malformed reference (naming the file).
+        """
+        try:
+            return DriftGuard.from_json(self.meta.get("drift_reference"), policy)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path / META_FILE}: {exc}") from None
 
 
 def load_checkpoint(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgesplit.codecs.entropy import models_to_json
+from edgesplit.codecs.entropy import ModelTable, models_to_json, use_models
 from edgesplit.data import Dataset, iid_shard_indices, load_dataset
 from edgesplit.errors import ConfigError, TrainingDiverged
 from edgesplit.models import (
@@ -36,11 +36,13 @@ from edgesplit.split.defense import parse_defense
 from edgesplit.split.preprocess import refit, with_standardize
 from edgesplit.split.profile import profile_segment
 from edgesplit.train.client import SplitClient, StepResult
-from edgesplit.train.frames import CodecStats
+from edgesplit.train.frames import CodecStats, TensorCodec
 from edgesplit.train.server import SplitServer
+from edgesplit.train.server_drift import DriftReference, fit_reference
 from edgesplit.train.spec import CONFIGS, TrainResult, TrainSpec
 from edgesplit.transport.base import Handler, Transport
 from edgesplit.transport.inprocess import InProcessTransport
+from edgesplit.wire.frame import decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +384,37 @@ class _Run:
             futures = [pool.submit(fn, i, c) for i, c in enumerate(self.clients)]
             return [f.result() for f in futures]
 
+    def drift_reference(self, kept: list[SplitClient]) -> list[DriftReference]:
+        """Per kept client (vertical: per party), statistics of the decoded cut activations of
+        the whole training split, as the server sees them: through the client segment and the
+        codec, in batches of the training size. Each segment runs once in train mode (dropout,
+        train-time defenses) and once in eval mode (what inference sends); on a copy, with the
+        random state restored, so nothing the run trained or reports changes."""
+        spec, x = self.spec, self.data.x_train
+        parties = range(len(kept)) if spec.config == "vertical" else [0]
+        references = []
+        for i, client in zip(parties, kept, strict=True):
+            lower = copy.deepcopy(client.lower)
+            codec = TensorCodec.from_spec(client.act.codec, measure_snr=False)
+
+            def decoded(
+                lower: nn.Module = lower,
+                codec: TensorCodec = codec,
+                i: int = i,
+                models: ModelTable = client.act.models,
+            ) -> Iterator[torch.Tensor]:
+                for train in (True, False):
+                    lower.train(train)
+                    for start in range(0, len(x), spec.batch_size):
+                        act = lower(self.party_x(x[start : start + spec.batch_size], i))
+                        with use_models(models):
+                            frame = codec.encode(act)
+                            yield torch.from_numpy(decode_frame(frame, self.server.limits))
+
+            with torch.random.fork_rng(), torch.no_grad():
+                references.append(fit_reference(decoded()))
+        return references
+
     def test_accuracy(self) -> float:
         data, spec = self.data, self.spec
         correct = 0
@@ -487,6 +520,9 @@ def run_training(
     # the clients a checkpoint keeps: every vertical party, else the last (freshest weights)
     kept = run.clients if spec.config == "vertical" else run.clients[-1:]
     models = [m for c in kept for m in c.act.models.models.values()]
+    # what the served server screens incoming activations against (server_drift)
+    # (none for a diverged run: its activations describe nothing worth guarding)
+    reference = None if diverged else [r.to_json() for r in run.drift_reference(kept)]
     return TrainedSplit(
         spec=spec,
         result=result,
@@ -498,5 +534,6 @@ def run_training(
         feature_blocks=run.blocks,
         # what each kept client encodes with now: the entropy model it fitted last, by id
         meta={"codecs": [c.act.codec.spec for c in kept],
-              "entropy_models": models_to_json(models)},
+              "entropy_models": models_to_json(models),
+              "drift_reference": reference},
     )

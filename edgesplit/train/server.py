@@ -55,6 +55,7 @@ from edgesplit.train.server_checks import (
     hello_terms,
     meta_int,
 )
+from edgesplit.train.server_drift import DriftGuard
 from edgesplit.train.server_probes import ProbeLog
 from edgesplit.train.server_records import RecordLimits, Session, SessionTable, report_step
 from edgesplit.train.server_rules import Batch, rules_for
@@ -127,6 +128,14 @@ class SplitServer(SegmentSteps):
     weight_schema:
         Names, shapes and dtypes of the lower segment's weights: a hand-off or FedAvg
         contribution of anything else is refused (``None``: fixed by the first accepted one).
+    num_classes:
+        The class count, when known up front.
+    drift:
+        Screens every FORWARD/PREDICT's activations against the training distribution
+        (:class:`~edgesplit.train.server_drift.DriftGuard`, built from a checkpoint's
+        ``drift_reference``): ``flag`` marks drifted steps in the reply and the metrics log,
+        ``refuse`` refuses drifted training steps before they are applied. ``None``: no screen
+        (a server trained from scratch has no reference).
     """
 
     def __init__(
@@ -150,6 +159,7 @@ class SplitServer(SegmentSteps):
         record_limits: RecordLimits | None = None,
         weight_schema: Schema | None = None,
         num_classes: int | None = None,
+        drift: DriftGuard | None = None,
     ) -> None:
         self.rules = rules_for(config)  # refuses an unknown configuration
         #: The class count, when known up front (else the spec's, or the first logits'): packed
@@ -203,6 +213,8 @@ class SplitServer(SegmentSteps):
         self.owners = IndexOwners()
         #: Class count seen in the logits of an accepted step (labels are checked against it).
         self._classes: int | None = None
+        #: Screens incoming activations against the training distribution (None: off).
+        self.drift = drift
 
     # ------------------------------------------------------------------ attributes kept public
     @property

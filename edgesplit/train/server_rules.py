@@ -29,6 +29,7 @@ from edgesplit.train.server_checks import (
     meta_flag,
     meta_int,
 )
+from edgesplit.train.server_drift import Verdict
 from edgesplit.train.server_records import Session
 from edgesplit.wire.messages import Kind, Message
 
@@ -45,6 +46,10 @@ class Batch:
     ref: torch.Tensor | None = None
     want_grad: bool = True
     extra: Any = None
+    #: The activations against the training reference (``None``: the server has no guard).
+    drift: Verdict | None = None
+    #: Who sent it (vertical: the barrier's computation screens every party's batch).
+    client: str = ""
 
 
 def _not_ushape(host: SplitServer) -> PreconditionFailed:
@@ -95,14 +100,23 @@ class StepRules:
         act = host.decode_act(message, session)
         labels = host.labels(message, len(act))
         return Batch(
-            act, labels, host.reference(message, act), meta_flag(message, "want_grad", True)
+            act,
+            labels,
+            host.reference(message, act),
+            meta_flag(message, "want_grad", True),
+            drift=host.check_drift(act),
         )
 
     def prepare_predict(
         self, host: SplitServer, message: Message, session: Session | None
     ) -> Batch:
         act = host.decode_act(message, session)
-        return Batch(act, host.optional_labels(message, len(act)), host.reference(message, act))
+        return Batch(
+            act,
+            host.optional_labels(message, len(act)),
+            host.reference(message, act),
+            drift=host.check_drift(act),
+        )
 
     def prepare_middle_grad(
         self, host: SplitServer, message: Message, session: Session | None
@@ -117,6 +131,7 @@ class StepRules:
     def apply_predict(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
     ) -> Message:
+        drift = host.screen_drift(message, batch.drift, train=False)  # answered, flagged
         with torch.no_grad():
             host.segment.eval()
             out = host.run_segment(batch.act)
@@ -124,7 +139,7 @@ class StepRules:
             host.check_logits(batch.labels, out)
         if batch.ref is not None:
             host.probe(message, batch.act, batch.ref, batch.labels)
-        return host.prediction(message, out, batch.labels)
+        return with_drift(host.prediction(message, out, batch.labels), drift)
 
     def apply_middle_grad(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
@@ -145,6 +160,8 @@ class VanillaRules(StepRules):
         if labels is None:
             raise InternalFault("vanilla FORWARD reached apply without labels")
         host.check_classes(labels)
+        # drifted activations are refused (policy refuse) before anything is applied
+        drift = host.screen_drift(message, batch.drift, train=True)
         index = host.wait_turn(session)  # splitfed: steps in the round's fixed order
         act.requires_grad_(batch.want_grad)
         host.segment.train()
@@ -166,7 +183,8 @@ class VanillaRules(StepRules):
             switch = host.probe(message, act.detach(), batch.ref, labels)
             if switch is not None:
                 meta["codec"] = switch["to"]  # the client sends with this from its next step
-        return Message(Kind.GRADIENT, message.session, message.client, message.step, tensors, meta)
+        reply = Message(Kind.GRADIENT, message.session, message.client, message.step, tensors, meta)
+        return with_drift(reply, drift)
 
 
 class SplitFedRules(VanillaRules):
@@ -199,13 +217,16 @@ class UShapeRules(StepRules):
     ) -> Batch:
         if "labels" in message.tensors or "y" in message.tensors:
             raise ProtocolError("ushape clients keep their labels: do not send 'labels' or 'y'")
-        return Batch(host.decode_act(message, session))
+        act = host.decode_act(message, session)
+        return Batch(act, drift=host.check_drift(act))
 
     def apply_forward(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
     ) -> Message:
         if session is None:
             raise ProtocolError("a ushape FORWARD needs a session")  # the server opens one
+        # the step is applied by its MIDDLE_GRAD: a refused FORWARD leaves nothing pending
+        drift = host.screen_drift(message, batch.drift, train=True)
         act = batch.act.requires_grad_(True)
         # the forward runs on a snapshot of the weights: another session's step (an in-place
         # optimizer update) would otherwise invalidate this graph before its MIDDLE_GRAD
@@ -225,13 +246,14 @@ class UShapeRules(StepRules):
         nbytes = saved[0] + sum(t.numel() * t.element_size() for t in (act, mid, *params.values()))
         host.table.add_pending(session, message.step, _Pending(act, mid, params), nbytes)
         host.stats[message.client].samples += len(act)
-        return Message(
+        reply = Message(
             Kind.MIDDLE,
             message.session,
             message.client,
             message.step,
             {"mid": host.mid_codec.encode(mid)},
         )
+        return with_drift(reply, drift)
 
     def prepare_middle_grad(
         self, host: SplitServer, message: Message, session: Session | None
@@ -271,18 +293,20 @@ class UShapeRules(StepRules):
     def apply_predict(
         self, host: SplitServer, message: Message, batch: Batch, session: Session | None
     ) -> Message:
+        drift = host.screen_drift(message, batch.drift, train=False)
         with torch.no_grad():
             host.segment.eval()
             out = host.run_segment(batch.act)
         if batch.ref is not None:
             host.probe(message, batch.act, batch.ref, batch.labels)
-        return Message(
+        reply = Message(
             Kind.MIDDLE,
             message.session,
             message.client,
             message.step,
             {"mid": host.mid_codec.encode(out)},
         )
+        return with_drift(reply, drift)
 
 
 class VerticalRules(StepRules):
@@ -305,7 +329,8 @@ class VerticalRules(StepRules):
         if ids is not None and not isinstance(ids, str):
             raise ProtocolError("vertical meta 'ids' must be the sample ids' digest (a string)")
         want_grad = meta_flag(message, "want_grad", True)
-        return Batch(act, labels, None, want_grad, (party, parties, ids))
+        drift = host.check_drift(act, party)  # against this party's own reference
+        return Batch(act, labels, None, want_grad, (party, parties, ids), drift, message.client)
 
     prepare_forward = _prepare
     prepare_predict = _prepare
@@ -362,6 +387,18 @@ class VerticalRules(StepRules):
             raise ProtocolError("no party sent labels for this vertical step")
         if len({len(a) for a in acts}) != 1:
             raise ProtocolError(f"parties sent different batch sizes {[len(a) for a in acts]}")
+        # every party's activations against its reference, before anything is applied: a
+        # refusal reaches every party of the step
+        kind = Kind.FORWARD if train else Kind.PREDICT
+        drift = {
+            k: host.screen_drift(
+                Message(kind, "", parts[k].client, step),
+                parts[k].drift,
+                train=train,
+                party=k,
+            )
+            for k in order
+        }
         for a in acts:
             a.requires_grad_(train)
         joined = torch.cat([a.flatten(1) for a in acts], dim=1)
@@ -369,7 +406,10 @@ class VerticalRules(StepRules):
             with torch.no_grad():
                 host.segment.eval()
                 logits = host.run_segment(joined)
-            return {k: host.prediction(Message(Kind.PREDICT), logits, None) for k in order}
+            return {
+                k: with_drift(host.prediction(Message(Kind.PREDICT), logits, None), drift[k])
+                for k in order
+            }
         labels = label_list[0]
         if labels is None:
             raise InternalFault("vertical labels vanished after the check")
@@ -393,7 +433,17 @@ class VerticalRules(StepRules):
         host.optimizer.step()
         host.steps_applied += 1
         meta = host.count(client, len(joined), loss, logits, labels)
-        return {k: Message(Kind.GRADIENT, "", "", 0, replies[k], meta) for k in order}
+        return {
+            k: with_drift(Message(Kind.GRADIENT, "", "", 0, replies[k], dict(meta)), drift[k])
+            for k in order
+        }
+
+
+def with_drift(reply: Message, drift: dict[str, Any] | None) -> Message:
+    """``reply`` carrying the ``drift`` record of its request's activations, if flagged."""
+    if drift is not None:
+        reply.meta["drift"] = drift
+    return reply
 
 
 #: The step rules of each configuration name.

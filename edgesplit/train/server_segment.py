@@ -9,6 +9,7 @@ server lock (the rules call it from their apply phase), decoding outside it.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,13 @@ from edgesplit.train.controller import BitrateController
 from edgesplit.train.frames import TensorCodec, decode_labels
 from edgesplit.train.server_checks import (
     InternalFault,
+    PreconditionFailed,
     check_labels,
     codec_family,
     cut_mismatch,
     frame_family,
 )
+from edgesplit.train.server_drift import DriftGuard, Verdict
 from edgesplit.train.server_probes import ProbeLog
 from edgesplit.train.server_records import Session
 from edgesplit.train.server_rules import StepRules
@@ -56,6 +59,7 @@ class SegmentSteps:
     _cut_shape: tuple[int, ...] | None
     _classes: int | None
     num_classes: int | None
+    drift: DriftGuard | None
 
     @property
     def controller(self) -> BitrateController | None:
@@ -182,6 +186,42 @@ class SegmentSteps:
                 f"activation frame must be a non-empty batch, got {tuple(act.shape)}"
             )
         return act
+
+    def check_drift(self, act: torch.Tensor, party: int = 0) -> Verdict | None:
+        """``act`` against the training reference of client segment ``party`` (outside the
+        lock; changes nothing); ``None`` when the server has no drift guard."""
+        return None if self.drift is None else self.drift.check(act, party)
+
+    def screen_drift(
+        self, message: Message, verdict: Verdict | None, *, train: bool, party: int | None = None
+    ) -> dict[str, Any] | None:
+        """Count ``verdict`` for the sender (under the lock, before the step is applied).
+        A drifted training step under policy ``refuse`` is refused (``FAILED_PRECONDITION``,
+        one sentence naming the channels and ranges); otherwise returns the ``drift`` record
+        for the reply's meta (``None``: no drift), also published to the metrics log."""
+        if self.drift is None or verdict is None:
+            return None
+        if self.drift.screen(message.client, message.kind, message.step, verdict, train=train):
+            whose = "" if party is None else f"party {party}: "
+            raise PreconditionFailed(
+                f"refused {message.kind} step {message.step}: {whose}{verdict.sentence()}; "
+                "check the client's device and preprocessing against the training data"
+            )
+        if not verdict.drift:
+            return None
+        record = verdict.record()
+        self._probes.publish(
+            {
+                "time": time.time(),
+                "event": "drift",
+                "client": message.client,
+                "kind": message.kind,
+                "step": message.step,
+                **({} if party is None else {"party": party}),
+                "drift": record,
+            }
+        )
+        return record
 
     def labels(self, message: Message, batch: int) -> torch.Tensor:
         """The labels (a ``labels`` frame or packed ``y``), decoded and checked against the batch

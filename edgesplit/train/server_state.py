@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgesplit.train.server_checks import codec_family
+from edgesplit.train.server_drift import DriftCounts
 from edgesplit.wire.messages import message_from_dict, message_to_dict
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ def export_state(server: SplitServer) -> tuple[dict[str, Any], dict[str, Any]]:
         "index_owner": server.owners.export(),
         "admission": server.admission.export(),
         "stats": {name: asdict(st) for name, st in server.stats.items()},
+        "drift_counts": (
+            {name: asdict(c) for name, c in server.drift.counts.items()} if server.drift else {}
+        ),
     }
     return tensors, meta
 
@@ -128,15 +132,26 @@ def import_state(server: SplitServer, tensors: dict[str, Any], meta: dict[str, A
             state.index = None if index is None else int(index)
     for name, st in meta["stats"].items():
         server.stats[name] = ClientStats(**st)
+    if server.drift is not None:
+        for name, counts in (meta.get("drift_counts") or {}).items():
+            server.drift.counts[name] = DriftCounts(**counts)
 
 
 def status(server: SplitServer) -> dict[str, Any]:
     """A JSON-able snapshot of ``server`` (call under its lock)."""
     table = server.table
+    guard = server.drift
+    clients = {name: s.row() for name, s in sorted(server.stats.items())}
+    if guard is not None:
+        # batches whose activations were off the training distribution, per client
+        for name, row in clients.items():
+            counts = guard.counts.get(name, DriftCounts())
+            row["drift_flagged"], row["drift_refused"] = counts.flagged, counts.refused
     return {
         "config": server.config,
         "steps_applied": server.steps_applied,
-        "clients": {name: s.row() for name, s in sorted(server.stats.items())},
+        "clients": clients,
+        "drift": guard.status() if guard is not None else {"policy": "off"},
         "last_probe": server.probes[-1] if server.probes else None,
         "probes": dict(sorted(server.latest_probe.items())),
         # what the server keeps for its clients, against its budget (issue 9)
