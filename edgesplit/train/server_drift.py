@@ -325,10 +325,7 @@ class DriftGuard:
         if not verdict.drift:
             return False
         if self.policy == "refuse" and train:
-            counts.refused += 1
-            log.warning(
-                "refused drifted %s step %d from %r: %s", kind, step, client, verdict.sentence()
-            )
+            counts.refused += 1  # the server logs the refusal (with its sentence)
             return True
         counts.flagged += 1
         if counts.flagged % self.warn_every == 1 or self.warn_every == 1:
