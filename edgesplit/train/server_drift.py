@@ -31,7 +31,8 @@ std, is reported for information only.
 Measured (3 epochs, each training batch of 32 and each single sample, the test split likewise):
 digits (mlp; fp32, q4+zstd, topk:0.1+q8, vanilla/ushape/splitfed/vertical): training batches
 0% out, test batches at most 0.8% (one value of 128, a single sample); inputs ×16 31-54% out,
-inputs +2 16-23%, uniform noise images 22-46%; with topk:0.05+q8, ×16 has 4.7-5% far out (test:
+inputs +2 16-23%, uniform noise images 25-46% (vertical party 1: 3 single
+samples of 1347 below the threshold); with topk:0.05+q8, ×16 has 4.7-5% far out (test:
 0). breast_cancer: training 0%, test batches of 32 at most 0.5%, but one single test sample of
 142 has 14% out (a genuine outlier: it is flagged); ×16 35-48%. digits_images (cnn2d, 16×4×4
 cut): training and test 0%, ×16 29-68%; inputs +2 (a third of the data's std) and uniform
