@@ -20,6 +20,8 @@ from edgesplit.split.defense import parse_defense
 from edgesplit.train.checkpoint import load_checkpoint
 from edgesplit.train.engine import build_split
 from edgesplit.train.server import SplitServer
+from edgesplit.train.server_records import RecordLimits
+from edgesplit.train.server_weights import Schema, schema_of
 from edgesplit.train.spec import TrainSpec, jsonable
 from edgesplit.train.state_file import StateFileError, previous_path, read_checked, write_checked
 
@@ -28,26 +30,56 @@ log = logging.getLogger(__name__)
 STATE_FILE = "server-state.pt"
 
 
-def server_from_checkpoint(path: str | Path) -> tuple[SplitServer, dict[str, Any]]:
+def server_from_checkpoint(
+    path: str | Path, record_limits: RecordLimits | None = None
+) -> tuple[SplitServer, dict[str, Any]]:
     """A server holding the trained server segment of a checkpoint (or of an export's
-    ``<bundle>.server/`` directory, which holds only ``checkpoint.json`` and ``server.pt``)."""
+    ``<bundle>.server/`` directory, which holds only ``checkpoint.json`` and ``server.pt``);
+    ``record_limits``: what it keeps for its clients (default :class:`RecordLimits`'s)."""
     ck = load_checkpoint(path, segments=("server",))
     shapes = {"input_shape": list(ck.input_shape), "num_classes": ck.num_classes}
-    return _server(ck.spec, ck.parts.server, shapes, run_id=ck.run_id), shapes
+    # the lower segments are built (not loaded) from the checkpoint's spec, as export builds
+    # them: their names, shapes and dtypes are all the weight schema needs
+    server = _server(
+        ck.spec, ck.parts.server, shapes, ck.parts.lowers, run_id=ck.run_id,
+        record_limits=record_limits,
+    )
+    return server, shapes
 
 
-def server_fresh(spec: TrainSpec) -> tuple[SplitServer, dict[str, Any]]:
+def server_fresh(
+    spec: TrainSpec, record_limits: RecordLimits | None = None
+) -> tuple[SplitServer, dict[str, Any]]:
     """A server with freshly initialised upper layers, exactly as the in-process engine builds
     them for ``spec`` (the data is read only for its sample shape and class count)."""
     data = load_dataset(spec.data)
     torch.manual_seed(spec.seed)
     parts = build_split(spec, data.input_shape, data.num_classes)
     shapes = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    return _server(spec, parts.server, shapes), shapes
+    return _server(spec, parts.server, shapes, parts.lowers, record_limits=record_limits), shapes
+
+
+def weight_schema(spec: TrainSpec, lowers: list[torch.nn.Module]) -> Schema | None:
+    """Names, shapes and dtypes of the weights a client of ``spec`` hands off (its lower
+    segment's state dict, as the torch client encodes it), for ``vanilla`` and ``ushape``.
+
+    ``None`` (the first accepted contribution fixes it) for ``vertical``, whose parties'
+    segments differ and exchange no weights, and for ``splitfed``: a torch client averages its
+    whole state dict, a torch-free trainer (:mod:`edgesplit.edge.trainer`) only its parameters
+    (its input standardization lives outside its graphs), and both may join a run.
+    """
+    if spec.config not in ("vanilla", "ushape") or not lowers:
+        return None
+    return schema_of({n: t.detach().cpu().numpy() for n, t in lowers[0].state_dict().items()})
 
 
 def _server(
-    spec: TrainSpec, segment: torch.nn.Module, shapes: dict[str, Any], run_id: str | None = None
+    spec: TrainSpec,
+    segment: torch.nn.Module,
+    shapes: dict[str, Any],
+    lowers: list[torch.nn.Module],
+    run_id: str | None = None,
+    record_limits: RecordLimits | None = None,
 ) -> SplitServer:
     return SplitServer(
         spec.config,
@@ -58,6 +90,12 @@ def _server(
         spec={**asdict(spec), "shapes": shapes},
         defense=parse_defense(spec.defense, seed=spec.seed),
         run_id=run_id,
+        # a deployed server: every session opens with HELLO, which binds its mode, codec and
+        # client index (the in-process engine sends none, so it is not required there)
+        require_hello=True,
+        num_classes=int(shapes["num_classes"]),
+        weight_schema=weight_schema(spec, lowers),
+        record_limits=record_limits,
     )
 
 

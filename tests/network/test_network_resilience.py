@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from netutil import ENV, ROOT, Server, client, finish, write_tokens
 
-from edgesplit.errors import ProtocolError
+from edgesplit.errors import ProtocolError, TransportError
 from edgesplit.transport.grpc_client import GrpcTransport, fetch_status
 from edgesplit.wire.frame import encode_frame
-from edgesplit.wire.messages import Kind, Message
+from edgesplit.wire.messages import Kind, Message, expect
 
 STEPS_PER_EPOCH = math.ceil(1347 / 32)  # digits training split, batch 32
 
@@ -128,34 +128,33 @@ def test_wrong_token_is_one_line_and_exit_2(served):
 
 
 def test_malformed_frame_is_invalid_argument_and_server_keeps_serving(served):
+    """A corrupt frame is INVALID_ARGUMENT and changes nothing: the same client's next good step
+    trains, and another client's session is served. (``edgesplit serve`` refuses steps of a
+    session that did not open with HELLO.)"""
     server, tokens = served
     good = encode_frame(np.zeros((2, 128), dtype=np.float32), "q8+zstd")
     labels = encode_frame(np.array([1, 2], dtype=np.uint8), "fp32")
     corrupt = bytearray(good)
     corrupt[-6] ^= 0xFF  # inside the payload: the CRC no longer matches
-    with (
-        GrpcTransport(server.address, tokens["alice"]) as alice,
-        pytest.raises(ProtocolError, match="(?i)crc"),
-    ):
-        alice.request(
-            Message(
-                Kind.FORWARD,
-                "s-alice",
-                "",
-                1,
-                {"act": bytes(corrupt), "labels": labels},
-                {"train": True, "want_grad": True},
-            )
-        )
+
+    def forward(act: bytes, session: str) -> Message:
+        return Message(Kind.FORWARD, session, "", 1, {"act": act, "labels": labels},
+                       {"train": True, "want_grad": True})
+
     with GrpcTransport(server.address, tokens["bob"]) as bob:
-        reply = bob.request(
-            Message(
-                Kind.FORWARD,
-                "s-bob",
-                "",
-                1,
-                {"act": good, "labels": labels},
-                {"train": True, "want_grad": True},
-            )
-        )
+        # no HELLO on this session yet: refused as out of order, not as malformed
+        with pytest.raises(TransportError, match="FAILED_PRECONDITION: .*HELLO"):
+            expect(bob.request(forward(good, "s-bob")), Kind.GRADIENT)
+        # bob only infers (the run's one training client is alice)
+        expect(bob.request(Message(Kind.HELLO, "s-bob", "", 0, meta={"mode": "infer"})),
+               Kind.WELCOME)
+        reply = bob.request(Message(Kind.PREDICT, "s-bob", "", 1, {"act": good}))
+        assert reply.kind == Kind.PREDICTION and "pred" in reply.tensors
+    with GrpcTransport(server.address, tokens["alice"]) as alice:
+        expect(alice.request(Message(Kind.HELLO, "s-alice", "", 0, meta={"mode": "train"})),
+               Kind.WELCOME)
+        with pytest.raises(ProtocolError, match="(?i)crc"):
+            expect(alice.request(forward(bytes(corrupt), "s-alice")), Kind.GRADIENT)
+        reply = alice.request(forward(good, "s-alice"))
     assert reply.kind == Kind.GRADIENT and "grad" in reply.tensors
+    assert fetch_status(server.address, tokens["alice"])["clients"]["alice"]["steps"] == 1
