@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+#: The defaults of ``--max-record-mib`` / ``--max-records-total-mib`` (RecordLimits'), kept here
+#: so ``serve --help`` does not import torch.
+DEFAULT_RECORDS = argparse.Namespace(client_bytes=128 << 20, total_bytes=1 << 30)
+
 
 def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     from edgesplit.cli.common import add_training_options
@@ -131,6 +135,25 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         help="largest request envelope, whole or joined from chunks (a request over "
         "--max-message-bytes travels as chunks)",
     )
+    g.add_argument(
+        "--max-record-mib",
+        type=int,
+        default=DEFAULT_RECORDS.client_bytes >> 20,
+        metavar="MIB",
+        help="what the server keeps for one client (token): replies it may have to send again "
+        "after a reconnect and forwards waiting for their second half; beyond it the oldest "
+        f"are dropped (default: {DEFAULT_RECORDS.client_bytes >> 20}, which holds a reply of "
+        "the largest default frame)",
+    )
+    g.add_argument(
+        "--max-records-total-mib",
+        type=int,
+        default=DEFAULT_RECORDS.total_bytes >> 20,
+        metavar="MIB",
+        help="the same over all clients together, so many clients cannot exhaust the "
+        f"server's memory (default: {DEFAULT_RECORDS.total_bytes >> 20}); at least "
+        "--max-record-mib",
+    )
     g = p.add_argument_group("state and metrics")
     g.add_argument(
         "--metrics",
@@ -193,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edgesplit.cli.common import print_json, set_threads, spec_from_args
     from edgesplit.errors import ConfigError
+    from edgesplit.train.server_records import RecordLimits
     from edgesplit.train.serving import MetricsLog, StateStore, server_fresh, server_from_checkpoint
     from edgesplit.transport.envelope import EnvelopeLimits
     from edgesplit.transport.grpc_server import SessionLimits, serve_handler
@@ -226,10 +250,24 @@ def run(args: argparse.Namespace) -> int:
             max_meta_bytes=args.max_meta_kib * 1024, max_envelope_bytes=args.max_request_mib << 20
         ),
     )
+    for flag, value in (
+        ("--max-record-mib", args.max_record_mib),
+        ("--max-records-total-mib", args.max_records_total_mib),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.max_record_mib > args.max_records_total_mib:
+        raise ConfigError(
+            f"--max-record-mib {args.max_record_mib} is more than --max-records-total-mib "
+            f"{args.max_records_total_mib}: one client may not keep more than all together"
+        )
+    records = RecordLimits(
+        client_bytes=args.max_record_mib << 20, total_bytes=args.max_records_total_mib << 20
+    )
     if args.source:
-        server, shapes = server_from_checkpoint(args.source)
+        server, shapes = server_from_checkpoint(args.source, records)
     else:
-        server, shapes = server_fresh(spec_from_args(args))
+        server, shapes = server_fresh(spec_from_args(args), records)
     server.wait_timeout = args.wait_timeout
     if args.ladder:
         from edgesplit.train.controller import BitrateController
