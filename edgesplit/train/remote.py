@@ -27,10 +27,21 @@ from edgesplit.wire.labels import PACKED_LABELS
 from edgesplit.wire.messages import Kind, Message, expect
 
 
-def hello(transport: Transport, session: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """Open a session; returns the server's WELCOME meta (config, codecs, spec, shapes)."""
-    reply = expect(transport.request(Message(Kind.HELLO, session, "", 0, meta=meta)), Kind.WELCOME)
+def hello(
+    transport: Transport, session: str, meta: dict[str, Any], name: str = ""
+) -> dict[str, Any]:
+    """Open a session; returns the server's WELCOME meta (config, codecs, spec, shapes).
+    ``name``: the client name the session's steps carry (a server with tokens uses the
+    token's name instead)."""
+    reply = expect(
+        transport.request(Message(Kind.HELLO, session, name, 0, meta=meta)), Kind.WELCOME
+    )
     return reply.meta
+
+
+def bye(transport: Transport, session: str, name: str, step: int) -> None:
+    """Close a session: BYE → ACK (the server forgets the session's records)."""
+    expect(transport.request(Message(Kind.BYE, session, name, step)), Kind.ACK)
 
 
 def train_remote(
@@ -51,9 +62,15 @@ def train_remote(
     ``shard=(I, N)`` trains on the I-th of N IID shards of the local data (to simulate N data
     holders from one dataset, exactly as the in-process engine splits it); by default the
     client trains on all of its local data.
+
+    The session opens with HELLO and, once training and the test evaluation are done, closes
+    with BYE, so the server knows this client finished (a 1-client run is then over).
     """
     session = session or uuid.uuid4().hex[:12]
-    welcome = hello(transport, session, {"mode": "train", "runtime": "torch", "index": index})
+    name = f"client-{index}"
+    welcome = hello(
+        transport, session, {"mode": "train", "runtime": "torch", "index": index}, name
+    )
     spec_dict = dict(welcome.get("spec") or {})
     if not spec_dict:
         raise ConfigError(
@@ -97,7 +114,7 @@ def train_remote(
             .state_dict()
         )
     client = SplitClient(
-        name=f"client-{index}",
+        name=name,
         lower=lower,
         transport=transport,
         codec=spec.codec,
@@ -163,6 +180,10 @@ def train_remote(
     for s in range(0, len(data.y_test), 256):
         preds = client.predict(view(data.x_test[s : s + 256]))
         correct += int((preds == data.y_test[s : s + 256]).sum())
+    # the run is over for this client: the server releases the session and counts it done (a
+    # run ends when all its expected clients said BYE); a client that fails before here keeps
+    # its session, so it can come back and resume
+    bye(transport, session, client.name, client.step + 1)
     b = client.traffic
     return {
         "client": client.name,
