@@ -1,9 +1,14 @@
 """Rendezvous of several participants inside the server: vertical parties of one step, the
 clients of one FedAvg round. The last to arrive computes everyone's reply; each leaves with its
-own. A failure reaches every participant at once, not only the one that computed."""
+own. A failure reaches every participant at once, not only the one that computed, with the
+same status: a peer's mistake (an :class:`~edgesplit.errors.EdgesplitError`: its code, e.g.
+``INVALID_ARGUMENT``) stays one, a timeout stays ``DEADLINE_EXCEEDED``, and anything else is the
+server's fault (:class:`~edgesplit.train.server_checks.InternalFault`, ``INTERNAL``, logged
+with its traceback), never blamed on the participants."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgesplit.errors import EdgesplitError, ProtocolError
+from edgesplit.train.server_checks import InternalFault
 from edgesplit.wire.messages import Message
+
+log = logging.getLogger(__name__)
 
 #: Computes every participant's reply from their parts (index -> part).
 Compute = Callable[[dict[int, Any]], dict[int, Message]]
@@ -22,7 +30,7 @@ class _Meeting:
     expected: int
     parts: dict[int, Any] = field(default_factory=dict)
     replies: dict[int, Message] | None = None
-    error: EdgesplitError | None = None
+    error: EdgesplitError | TimeoutError | None = None
 
 
 class Barriers:
@@ -46,11 +54,15 @@ class Barriers:
             if len(meeting.parts) == expected and meeting.replies is None:
                 try:
                     meeting.replies = compute(meeting.parts)
-                except Exception as exc:  # every participant must hear it, not only the last
-                    meeting.error = (
-                        exc
-                        if isinstance(exc, EdgesplitError)
-                        else ProtocolError(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                except (EdgesplitError, TimeoutError) as exc:
+                    # every participant must hear it, not only the last
+                    meeting.error = exc
+                    meeting.replies = {}
+                except Exception as exc:  # a server bug, not the participants' fault
+                    log.exception("server fault inside a %s meeting", key[0])
+                    meeting.error = InternalFault(
+                        f"the server failed on this step ({type(exc).__name__}); see the "
+                        "server log"
                     )
                     meeting.replies = {}
                 self._cond.notify_all()
@@ -66,7 +78,7 @@ class Barriers:
                     )
                 self._cond.wait(left)
             if meeting.error is not None:
-                raise type(meeting.error)(str(meeting.error))
+                raise _again(meeting.error)
             reply = meeting.replies.pop(index, None)
             if reply is None:
                 raise ProtocolError(
@@ -76,3 +88,15 @@ class Barriers:
             if not meeting.replies:
                 self._meetings.pop(key, None)
             return reply
+
+
+def _again(error: EdgesplitError | TimeoutError) -> Exception:
+    """A fresh exception like ``error`` for one participant (each raises its own, so no
+    traceback is shared between threads): same type and message, or the server's fault when
+    the type cannot be rebuilt from its message."""
+    try:
+        again = type(error)(str(error))
+    except Exception:  # an error type whose constructor wants more than a message
+        return InternalFault(f"{type(error).__name__}: {error}".splitlines()[0])
+    again.__dict__.update(error.__dict__)  # e.g. a status code set on the instance
+    return again
