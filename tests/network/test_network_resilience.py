@@ -1,5 +1,6 @@
-"""Real processes, real sockets: a server restart loses no applied step, a client that dies
-mid-epoch does not stop another, wrong tokens and malformed frames are refused cleanly."""
+"""Real processes, real sockets: a server restart loses no applied step, a training client
+killed mid-epoch stops nothing else and resumes exactly, wrong tokens and malformed frames are
+refused cleanly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,26 +72,75 @@ def test_server_restart_loses_no_applied_step(tmp_path):
     assert report["accuracy"] >= 0.85
 
 
-def test_client_dying_mid_epoch_does_not_stop_another(tmp_path):
-    tokens = write_tokens(tmp_path / "tokens.txt", ["alice", "bob"])
-    with Server("--tokens", str(tmp_path / "tokens.txt"), "--epochs", "4") as server:
-        common = ["--trainable", "--server", server.address, "--data", "digits", "--json"]
-        # alice has far more work than bob, and is killed as soon as she is under way
-        doomed = client(*common, "--token", tokens["alice"], "--epochs", "200")
-        survivor = client(*common, "--token", tokens["bob"])
+def _trainable_export(root: Path) -> tuple[Path, Path, Path]:
+    """A 1-epoch vanilla digits checkpoint, its trainable bundle, and the data as an npz."""
+    from edgesplit.onnx_export import SplitModel
+    from edgesplit.onnx_export.trainable import export_trainable
+    from edgesplit.train.checkpoint import load_checkpoint, save_checkpoint
+    from edgesplit.train.engine import run_training
+    from edgesplit.train.spec import TrainSpec
+
+    trained = run_training(TrainSpec(epochs=1, seed=0))
+    ckpt = save_checkpoint(root / "ckpt", trained)
+    bundle = root / "bundle"
+    export_trainable(SplitModel.from_checkpoint(load_checkpoint(ckpt)), bundle)
+    data = trained.dataset
+    npz = root / "digits.npz"
+    np.savez(npz, x=data.x_train, y=data.y_train, x_test=data.x_test, y_test=data.y_test)
+    return ckpt, bundle, npz
+
+
+def test_killed_training_client_does_not_stop_the_server_and_resumes_exactly(tmp_path):
+    """A run admits one training client; killing it mid-epoch stops nothing else: Status and an
+    infer-only client are served while it is dead, and no step moves. The killed device,
+    restarted with its token and its --state, resumes its session and finishes the run with
+    every step applied exactly once."""
+    EPOCHS = 12
+    ckpt, bundle, npz = _trainable_export(tmp_path)
+    tokens = {"alice": "alice-token-0000-abcdefghijkl", "carol": "carol-token-0001-abcdefghijkl",
+              "ops": "ops-token-0002-abcdefghijkl"}
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text(f"alice {tokens['alice']} role=train\n"
+                          f"carol {tokens['carol']} role=infer\n"
+                          f"ops {tokens['ops']} role=admin\n")
+    token_file.chmod(0o600)
+    total = EPOCHS * STEPS_PER_EPOCH
+    with Server("--from", str(ckpt), "--tokens", str(token_file)) as server:
+
+        def steps() -> int:
+            row = fetch_status(server.address, tokens["ops"])["clients"].get("alice", {})
+            return int(row.get("steps", 0))
+
+        train = ["--bundle", str(bundle), "--server", server.address, "--token",
+                 tokens["alice"], "--data", str(npz), "--mode", "train", "--epochs",
+                 str(EPOCHS), "--state", str(tmp_path / "device-state"), "--json"]
+        doomed = client(*train)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            steps = fetch_status(server.address, tokens["bob"])["clients"].get("alice", {})
-            if steps.get("steps", 0) >= 5:
-                break
-            time.sleep(0.2)
-        doomed.kill()
+        while time.monotonic() < deadline and steps() < 10:
+            time.sleep(0.05)
+        doomed.send_signal(signal.SIGKILL)
         doomed.communicate()
-        report = finish(survivor)
-        status = fetch_status(server.address, tokens["bob"])
+        at_kill = steps()
+        assert 10 <= at_kill < total, "the kill must land mid-run"
+
+        # while alice is dead: an infer-only client is served, Status answers, nothing trains
+        infer = finish(client("--bundle", str(bundle), "--server", server.address, "--token",
+                              tokens["carol"], "--data", str(npz), "--mode", "infer",
+                              "--json"))
+        assert infer["samples"] == infer["predictions"] == 450
+        assert infer["accuracy"] is not None and infer["accuracy"] > 0.5
+        status = fetch_status(server.address, tokens["ops"])
+        assert status["clients"]["alice"]["steps"] == at_kill == status["steps_applied"]
+        assert status["run"]["members"] == ["alice"] and status["run"]["finished"] is None
+
+        # alice comes back with her token and device state: same session, the steps it had
+        # not checkpointed are answered from the server's record, the rest are trained
+        report = finish(client(*train))
+        status = fetch_status(server.address, tokens["ops"])
+    assert report["resumed_from"] is not None and 0 < report["resumed_from"] <= at_kill
+    assert report["resumed_from"] + report["steps"] == total
+    assert status["clients"]["alice"]["steps"] == status["steps_applied"] == total
     assert report["accuracy"] >= 0.85
-    assert status["clients"]["bob"]["steps"] == 4 * STEPS_PER_EPOCH
-    assert 5 <= status["clients"]["alice"]["steps"] < 200 * STEPS_PER_EPOCH
 
 
 @pytest.fixture(scope="module")
