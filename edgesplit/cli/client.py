@@ -137,8 +137,8 @@ def add_parser(sub: argparse._SubParsersAction,
     p.add_argument("--server", metavar="HOST:PORT", required=True, help="the split server")
     p.add_argument("--data", required=True,
                    help="an .npz with x[, y][, x_test, y_test], an image folder "
-                   "root/<class>/<image>, or a built-in dataset name (digits, breast_cancer; "
-                   "needs scikit-learn, so on a device use an .npz)")
+                   "root/<class>/<image>, or a built-in dataset name (digits, digits_images, "
+                   "breast_cancer; needs scikit-learn, so on a device use an .npz)")
     p.add_argument("--mode", choices=("infer", "train"), default="infer",
                    help="infer: get predictions; train: the server trains on this data")
     p.add_argument("--codec", default=None,

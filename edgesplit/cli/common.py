@@ -14,7 +14,7 @@ def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -
     g.add_argument(
         "--data",
         default="digits",
-        help="built-in dataset (digits, breast_cancer), an .npz with arrays x, y "
+        help="built-in dataset (digits, digits_images, breast_cancer), an .npz with arrays x, y "
         "[, x_test, y_test], or an image folder root/<class>/<image>",
     )
     g.add_argument(
@@ -26,7 +26,8 @@ def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -
     g.add_argument(
         "--cut",
         default=None,
-        help="layer to cut after (ushape: two, 'first,second'); default: the family's default cut",
+        help="layer to cut after (ushape: two, 'first,second'); default: the family's default "
+        "cut (with --bottleneck: after the feature extractor, e.g. flatten of a CNN)",
     )
     g = parser.add_argument_group("split learning")
     g.add_argument(

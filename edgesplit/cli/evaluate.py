@@ -51,7 +51,7 @@ def add_parser(
     g.add_argument(
         "--data",
         default="digits",
-        help="built-in dataset (digits, breast_cancer), an .npz with arrays x, y "
+        help="built-in dataset (digits, digits_images, breast_cancer), an .npz with arrays x, y "
         "[, x_test, y_test], or an image folder",
     )
     g.add_argument(
@@ -76,7 +76,8 @@ def add_parser(
         default=DEFAULT_CODECS,
         help="comma-separated activation codec specs (';' also separates); "
         "ACT/GRAD sets the gradient codec of that cell too, e.g. "
-        "q4+zstd/q4+zstd",
+        "q4+zstd/q4+zstd; bn:D:BITS[:RATE] trains a learned bottleneck of D channels at "
+        "BITS bits at the cut (its codecs fq:BITS,ans up, q4:stochastic down), e.g. bn:16:2",
     )
     g.add_argument(
         "--grad-codec",
@@ -288,7 +289,8 @@ def split_codecs(text: str) -> list[str]:
     and ``q4:channel,stochastic+zstd``). So a misspelt codec stays a codec of its own
     (``q8+zstd,q5`` -> ``q8+zstd`` and ``q5``) and is refused by that name, not as a parameter.
     """
-    names = set(STAGE_NAMES) | _registered_stage_names()
+    # "bn" starts a learned-bottleneck entry (bn:D:BITS), which is not a codec stage
+    names = set(STAGE_NAMES) | _registered_stage_names() | {"bn"}
     out: list[str] = []
     for chunk in text.split(";"):
         pieces = [piece.strip() for piece in chunk.split(",") if piece.strip()]
