@@ -6,6 +6,10 @@ exponential backoff and sends the unanswered request again, with the same sessio
 The server's engine answers a step it already applied from its record, so a resend is never
 applied twice; that deduplication lives in the engine, not here.
 
+Backoff is for a session that existed: a transport that never got a reply and whose first
+connection attempt is refused (nothing listens on the port) gives up at once, in one line
+asking whether ``edgesplit serve`` is running, instead of retrying for a minute.
+
 Statuses that retrying cannot fix become typed errors at once: ``UNAUTHENTICATED`` and
 ``PERMISSION_DENIED`` -> :class:`~edgesplit.errors.TransportError` (check the token and its
 role), ``INVALID_ARGUMENT`` -> :class:`~edgesplit.errors.ProtocolError`, ``RESOURCE_EXHAUSTED``
@@ -209,7 +213,7 @@ class GrpcTransport:
         Largest request envelope sent or reply envelope joined from chunks. A request over it
         fails before anything is sent.
     retry:
-        Reconnect policy for broken connections.
+        Reconnect policy for broken connections (not for a first connection that is refused).
     timeout:
         Seconds to wait for one reply (``None``: forever). A timeout is not retried: the server
         may still be working on the step.
@@ -228,6 +232,9 @@ class GrpcTransport:
     messages, reconnects, resends:
         Completed requests, new connections opened after a break, and extra sends of a request
         after a break (attempts against an unreachable server included).
+    reached:
+        Whether the server ever answered: before it has, a refused first connection fails at
+        once (``TransportError``: is the server running?); after it, breaks are retried.
 
     Notes
     -----
@@ -276,6 +283,9 @@ class GrpcTransport:
         self.messages = 0
         self.reconnects = 0
         self.resends = 0
+        #: Whether the server ever answered on this transport: until it has, a refused
+        #: connection means nothing listens there (no backoff), after it a restart (backoff).
+        self.reached = False
 
     # -- connection management ---------------------------------------------------------------
 
@@ -371,6 +381,7 @@ class GrpcTransport:
             sent_before = True
             item = self._reply(stream, message)
             if isinstance(item, split_pb2.Envelope):
+                self.reached = True
                 return stream.ids.complete(envelope_to_message(item, kind_from_stream=True))
             # The stream is over: an RpcError, a clean end without a reply, or a bad reply.
             # Classify before dropping: dropping cancels the call, which must not be mistaken
@@ -380,6 +391,14 @@ class GrpcTransport:
             finally:
                 self._drop(channel=False)
             failures += 1
+            if failures == 1 and not self.reached and _connection_refused(reason):
+                # the very first connection of this transport: nothing listens there, and
+                # retrying for a minute would only hide that
+                self._drop(channel=True)
+                raise TransportError(
+                    f"cannot reach {self.target} (connection refused): is `edgesplit serve` "
+                    "running?"
+                )
             if failures > self.retry.attempts:
                 self._drop(channel=True)
                 raise TransportError(
@@ -517,6 +536,13 @@ class GrpcTransport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _connection_refused(reason: str) -> bool:
+    """Whether a retryable failure says the peer refused the TCP connection (nothing listens
+    on the port), as grpc words it: "... Failed to connect to remote host: Connection
+    refused"."""
+    return reason.startswith("UNAVAILABLE") and "connection refused" in reason.lower()
 
 
 def _auth_metadata(token: str | None) -> list[tuple[str, str]]:
