@@ -39,6 +39,11 @@ DEFAULT_RATE = 0.01
 #: (fp32 97.16 ± 0.29 %). Not at 1 bit, where one level is the whole range: 16:1 fell from
 #: 96.36 to 95.42 %. Evaluation and export always round: the device sends codes.
 NOISE_FRACTION = 0.5
+#: Training steps during which the quantizer passes its input through (the wire still carries
+#: codes: the codec quantizes): the encoder first learns features, then learns to survive
+#: rounding. Measured on digits (16:2, 30 epochs, seeds 5-9; fp32 96.89 %): quantized from the
+#: first step 96.36 %, after 200 steps 96.98 %, after 430 (10 epochs) 96.58 %.
+QUANT_WARMUP_STEPS = 200
 #: Training steps before the rate penalty starts: the encoder first learns useful features
 #: (a penalty from step 0 collapsed every code to one level in a prototype on digits).
 RATE_WARMUP_STEPS = 200
@@ -111,8 +116,9 @@ class _RoundSTE(torch.autograd.Function):
 
 
 class FixedRangeQuantizer(nn.Module):
-    """Quantize [0, 1] values to ``2**bits`` fixed levels; straight-through gradient (in
-    training, on :data:`NOISE_FRACTION` of the steps, uniform noise of one level instead).
+    """Quantize [0, 1] values to ``2**bits`` fixed levels; straight-through gradient. In
+    training: no quantization for the first :data:`QUANT_WARMUP_STEPS` steps, then on
+    :data:`NOISE_FRACTION` of the steps uniform noise of one level instead of rounding.
 
     The evaluation forward pass is :func:`edgesplit.codecs.fixed.quantize_codes` then
     :func:`~edgesplit.codecs.fixed.dequantize_codes` in torch, operation for operation.
@@ -122,16 +128,18 @@ class FixedRangeQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.rate_weight = rate
-        self.steps = 0  # training forwards seen (the rate penalty waits RATE_WARMUP_STEPS)
+        self.steps = 0  # training forwards seen (quantizing and the rate penalty wait for them)
         #: ``rate_weight`` × the batch's estimated code entropy (bits per value), or ``None``.
         self.rate: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.rate = None
-        if self.training and self.rate_weight > 0:
+        if self.training:
             self.steps += 1
-            if self.steps > RATE_WARMUP_STEPS:
+            if self.rate_weight > 0 and self.steps > RATE_WARMUP_STEPS:
                 self.rate = self.rate_weight * soft_entropy(x, self.bits)
+            if self.steps <= QUANT_WARMUP_STEPS:
+                return torch.clamp(x, 0.0, 1.0)
         levels = float((1 << self.bits) - 1)
         if self.training and self.bits > 1 and float(torch.rand(())) < NOISE_FRACTION:
             # the decoder learns to tolerate any error up to half a level, and the encoder gets

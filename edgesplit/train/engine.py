@@ -396,6 +396,7 @@ class _Run:
         for i, client in zip(parties, kept, strict=True):
             lower = copy.deepcopy(client.lower)
             codec = TensorCodec.from_spec(client.act.codec, measure_snr=False)
+            codec.models = client.act.models  # the entropy models its frames reference
 
             def decoded(
                 lower: nn.Module = lower,
