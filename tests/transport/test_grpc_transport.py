@@ -206,20 +206,21 @@ def test_server_restart_resends_unanswered_step(caplog: pytest.LogCaptureFixture
             srv2.stop(None)
 
 
-def test_unreachable_server_gives_up_after_budget(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_server_never_reached_fails_at_once_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # nothing listens on the port: retrying for a minute would only hide that (the retries are
+    # for a server that answered before and went away, see the restart test above)
     srv = serve_handler(sum_handler, "127.0.0.1", 0, tokens=SERVED)
     port = srv.port
     srv.stop(None)
-    policy = RetryPolicy(attempts=2, initial_backoff=0.02, max_backoff=0.05)
+    policy = RetryPolicy(attempts=5, initial_backoff=0.5, max_backoff=1.0)
     t = GrpcTransport(f"127.0.0.1:{port}", TOKENS["alice"], retry=policy)
-    with caplog.at_level(logging.INFO), pytest.raises(TransportError, match="after 3 attempt"):
+    with caplog.at_level(logging.INFO), pytest.raises(
+        TransportError, match=rf"cannot reach 127\.0\.0\.1:{port} \(connection refused\).*serve"
+    ):
         t.request(forward(1, np.ones(2), np.ones(2)))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    infos = [r.getMessage() for r in caplog.records
-             if r.levelno == logging.INFO and "still down" in r.getMessage()]
-    # one warning saying the plan (2 attempts, 0.02 + 0.04 s), the other attempt at INFO
-    assert len(warnings) == 1 and "up to 2 attempts over ~0 s" in warnings[0], warnings
-    assert len(infos) == 1 and "attempt 2/2" in infos[0], infos
+    assert not [r for r in caplog.records if "still down" in r.getMessage()]
     t.close()
 
 
