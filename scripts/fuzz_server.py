@@ -112,7 +112,10 @@ class Corpus:
 
     def valid(self, session: str, step: int) -> Message:
         r = self.rng
-        kind = r.choice([Kind.HELLO, Kind.FORWARD, Kind.PREDICT, Kind.WEIGHTS, Kind.BYE])
+        # no BYE among the well-formed bases: a training client's BYE ends a 1-client run, after
+        # which every training step is (rightly) refused and the step rules go unfuzzed; BYE
+        # still comes up as a mutated kind
+        kind = r.choice([Kind.HELLO, Kind.FORWARD, Kind.PREDICT, Kind.WEIGHTS])
         act = self.frames[r.choice(["act", "act_q8"])]
         if kind == Kind.HELLO:
             return Message(kind, session, "", 0, meta={"mode": r.choice(["train", "infer"]),
@@ -232,8 +235,23 @@ def _worker(address: str, corpus: Corpus, n: int, deadline: float, timeout: floa
             if stream is None:
                 stream = RawStream(channel)
                 session = f"fz{worker}-{i}"
+                last_kind = ""  # a reply of the previous reply's kind leaves its kind empty
                 with report.lock:
                     report.streams += 1
+                # a served session opens with HELLO (steps before it are refused), so the
+                # mutated requests after it reach the step rules
+                stream.send(corpus.envelope_bytes(
+                    Message(Kind.HELLO, session, "", 0, meta={"mode": "train"})))
+                try:
+                    opened = stream.events.get(timeout=timeout)
+                except queue.Empty:
+                    opened = None
+                if isinstance(opened, split_pb2.Envelope):
+                    last_kind = opened.kind or last_kind
+                else:
+                    stream.close()
+                    stream = None
+                    continue
             data = corpus.generate(session, i + 1)
             stream.send(data)
             with report.lock:
@@ -247,12 +265,13 @@ def _worker(address: str, corpus: Corpus, n: int, deadline: float, timeout: floa
                 continue
             if isinstance(event, split_pb2.Envelope):
                 code = ""
-                if event.kind == Kind.ERROR:
+                kind = last_kind = event.kind or last_kind
+                if kind == Kind.ERROR:
                     code = str(json.loads(event.meta_json or "{}").get("code", "?"))
                     if code == "INTERNAL":
                         report.finding(f"ERROR reply INTERNAL: {event.meta_json[:200]}", data)
                 with report.lock:
-                    report.replies[f"{event.kind}{':' + code if code else ''}"] += 1
+                    report.replies[f"{kind}{':' + code if code else ''}"] += 1
                 continue
             code = event if isinstance(event, grpc.StatusCode) else event.code()
             with report.lock:
