@@ -79,6 +79,14 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         "(default: off, clients keep their codec)",
     )
     g.add_argument(
+        "--drift",
+        choices=("flag", "refuse", "off"),
+        default="flag",
+        help="with --from: screen incoming cut activations against the checkpoint's training "
+        "distribution — flag (apply, mark the reply and --metrics, warn), refuse (refuse "
+        "drifted training steps before they are applied) or off (default: flag)",
+    )
+    g.add_argument(
         "--max-drop",
         type=float,
         default=0.5,
@@ -265,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         client_bytes=args.max_record_mib << 20, total_bytes=args.max_records_total_mib << 20
     )
     if args.source:
-        server, shapes = server_from_checkpoint(args.source, records)
+        server, shapes = server_from_checkpoint(args.source, records, drift=args.drift)
     else:
         server, shapes = server_fresh(spec_from_args(args), records)
     server.wait_timeout = args.wait_timeout
@@ -307,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
         "clients": sorted(tokens or {}),
         "resumed_steps": server.steps_applied if store and resumed else 0,
         "resumed_from": str(store.loaded_from) if store and store.loaded_from else None,
+        "drift": server.drift.policy if server.drift else "off",
     }
     if args.json:
         print_json({"listening": f"{args.host}:{running.port}", **info})

@@ -20,6 +20,7 @@ from edgesplit.split.defense import parse_defense
 from edgesplit.train.checkpoint import load_checkpoint
 from edgesplit.train.engine import build_split
 from edgesplit.train.server import SplitServer
+from edgesplit.train.server_drift import DriftGuard
 from edgesplit.train.server_records import RecordLimits
 from edgesplit.train.server_weights import Schema, schema_of
 from edgesplit.train.spec import TrainSpec, jsonable
@@ -31,18 +32,27 @@ STATE_FILE = "server-state.pt"
 
 
 def server_from_checkpoint(
-    path: str | Path, record_limits: RecordLimits | None = None
+    path: str | Path, record_limits: RecordLimits | None = None, drift: str = "flag"
 ) -> tuple[SplitServer, dict[str, Any]]:
     """A server holding the trained server segment of a checkpoint (or of an export's
     ``<bundle>.server/`` directory, which holds only ``checkpoint.json`` and ``server.pt``);
-    ``record_limits``: what it keeps for its clients (default :class:`RecordLimits`'s)."""
+    ``record_limits``: what it keeps for its clients (default :class:`RecordLimits`'s);
+    ``drift``: ``flag``, ``refuse`` or ``off`` — how activations off the checkpoint's training
+    distribution are met (:mod:`edgesplit.train.server_drift`)."""
     ck = load_checkpoint(path, segments=("server",))
+    guard = None if drift == "off" else ck.drift_guard(drift)
+    if guard is None and drift != "off":
+        log.warning(
+            "%s has no drift reference (trained before references existed, or over the "
+            "network): incoming activations are not screened",
+            path,
+        )
     shapes = {"input_shape": list(ck.input_shape), "num_classes": ck.num_classes}
     # the lower segments are built (not loaded) from the checkpoint's spec, as export builds
     # them: their names, shapes and dtypes are all the weight schema needs
     server = _server(
         ck.spec, ck.parts.server, shapes, ck.parts.lowers, run_id=ck.run_id,
-        record_limits=record_limits,
+        record_limits=record_limits, drift=guard,
     )
     return server, shapes
 
@@ -80,6 +90,7 @@ def _server(
     lowers: list[torch.nn.Module],
     run_id: str | None = None,
     record_limits: RecordLimits | None = None,
+    drift: DriftGuard | None = None,
 ) -> SplitServer:
     return SplitServer(
         spec.config,
@@ -96,6 +107,7 @@ def _server(
         num_classes=int(shapes["num_classes"]),
         weight_schema=weight_schema(spec, lowers),
         record_limits=record_limits,
+        drift=drift,
     )
 
 

@@ -348,3 +348,16 @@ def test_the_checkpoint_builds_the_guard(vanilla: Checkpoint, tmp_path: Path):
     )
     with pytest.raises(ConfigError, match="checkpoint.json: malformed drift reference"):
         broken.drift_guard()
+
+
+def test_serve_builds_the_guard_its_drift_option_names(vanilla: Checkpoint, caplog) -> None:
+    from edgesplit.train.serving import server_from_checkpoint
+
+    path = vanilla.path
+    for policy in ("flag", "refuse"):
+        server, _ = server_from_checkpoint(path, drift=policy)
+        assert server.drift is not None and server.drift.policy == policy
+    server, _ = server_from_checkpoint(path, drift="off")
+    assert server.drift is None
+    with pytest.raises(ConfigError, match="drift policy"):
+        server_from_checkpoint(path, drift="ignore")
