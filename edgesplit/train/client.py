@@ -8,6 +8,7 @@ it sends and receives next to what the same tensors would cost at fp32.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +20,7 @@ from edgesplit.errors import ProtocolError, TrainingDiverged
 from edgesplit.split.bottleneck import param_groups, rate_loss
 from edgesplit.split.defense import Defense
 from edgesplit.train.frames import TensorCodec, decode_labels, encode_labels
+from edgesplit.train.server_rules import NO_PENDING_FORWARD
 from edgesplit.train.spec import ClientBytes
 from edgesplit.transport.base import Transport
 from edgesplit.transport.envelope import wire_size
@@ -37,6 +39,22 @@ def _resize_cost(message: Message, lengths: dict[str, int]) -> int:
         tensors={n: bytes(lengths[n]) if n in lengths else f for n, f in message.tensors.items()},
     )
     return wire_size(resized) - wire_size(message)
+
+
+#: How many times one ushape step sends its FORWARD again after the server lost it.
+USHAPE_FORWARD_RESENDS = 3
+
+
+def _forward_lost(reply: Message) -> bool:
+    """``reply`` refuses a ushape MIDDLE_GRAD because the server holds no pending forward for
+    its step (it restarted between FORWARD and MIDDLE_GRAD, say). The server gives this
+    refusal only for a step it has not applied: an applied one is answered from its record, or
+    refused as already applied."""
+    return (
+        reply.kind == Kind.ERROR
+        and reply.meta.get("code") == "FAILED_PRECONDITION"
+        and str(reply.meta.get("message", "")).startswith(NO_PENDING_FORWARD)
+    )
 
 
 @dataclass
@@ -199,7 +217,12 @@ class SplitClient:
         )
         self.pending_model = None  # the server accepted the frame, so it holds the model
         if self.head is not None:
-            return self._ushape_rest(x, act, y, reply)
+
+            def forward_again() -> Message:
+                # the same request, byte for byte: same step, same frames (and entropy model)
+                return expect(self._send(Kind.FORWARD, tensors, fp32, **meta), Kind.MIDDLE)
+
+            return self._ushape_rest(x, act, y, reply, forward_again)
         grad = self.grad.decode(reply.frame("grad"))
         self._count_down_fp32(reply, "grad", self._reference(act))
         self._apply(x, act, grad)
@@ -225,31 +248,50 @@ class SplitClient:
             self.pending_model = encode_frame(model.freqs, "fp32")
 
     def _ushape_rest(
-        self, x: torch.Tensor, act: torch.Tensor, y: torch.Tensor | None, reply: Message
+        self,
+        x: torch.Tensor,
+        act: torch.Tensor,
+        y: torch.Tensor | None,
+        reply: Message,
+        forward_again: Callable[[], Message],
     ) -> StepResult:
+        """The rest of a ushape step: the head on the middle outputs in ``reply``, its loss,
+        MIDDLE_GRAD, and the lower segment's backward.
+
+        A MIDDLE_GRAD the server refuses because it no longer holds this step's forward (a
+        restart between FORWARD and MIDDLE_GRAD; the server persists applied steps, not pending
+        forwards) was not applied: ``forward_again`` sends the same FORWARD, and the head runs
+        again on the new middle outputs. A server restored to the state it ran the first
+        forward on returns the same outputs, so the step is exactly the one it would have been.
+        """
         if y is None or self.head is None:
             raise ProtocolError("ushape training needs the client's labels and head")
-        mid = self.act.decode(reply.frame("mid")).requires_grad_(True)
-        self._count_down_fp32(reply, "mid", tuple(mid.shape))
-        self.head.train()
-        logits = self.head(mid)
-        loss = self.loss_fn(logits, y)
-        if not bool(torch.isfinite(loss)):
-            raise TrainingDiverged(
-                f"training diverged at step {self.step} (loss "
-                f"{float(loss.detach()):.4g}); lower --lr or use a finer codec"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # fills the head's grads and mid.grad
-        if mid.grad is None:
-            raise ProtocolError("the head did not use the middle outputs: no gradient to return")
-        frame = self.grad.encode(mid.grad)
-        reply2 = expect(
-            self._send(
+        for resends in range(USHAPE_FORWARD_RESENDS + 1):
+            mid = self.act.decode(reply.frame("mid")).requires_grad_(True)
+            self._count_down_fp32(reply, "mid", tuple(mid.shape))
+            self.head.train()
+            logits = self.head(mid)
+            loss = self.loss_fn(logits, y)
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDiverged(
+                    f"training diverged at step {self.step} (loss "
+                    f"{float(loss.detach()):.4g}); lower --lr or use a finer codec"
+                )
+            # also drops the head's grads of an earlier attempt: they must not add up
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # fills the head's grads and mid.grad
+            if mid.grad is None:
+                raise ProtocolError(
+                    "the head did not use the middle outputs: no gradient to return"
+                )
+            frame = self.grad.encode(mid.grad)
+            answer = self._send(
                 Kind.MIDDLE_GRAD, {"grad": frame}, {"grad": fp32_frame_size(tuple(mid.shape))}
-            ),
-            Kind.GRADIENT,
-        )
+            )
+            if not _forward_lost(answer) or resends == USHAPE_FORWARD_RESENDS:
+                break
+            reply = forward_again()
+        reply2 = expect(answer, Kind.GRADIENT)
         grad = self.grad.decode(reply2.frame("grad"))
         self._count_down_fp32(reply2, "grad", self._reference(act))
         self._backward(x, act, self._checked(grad, act))

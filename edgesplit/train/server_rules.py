@@ -52,6 +52,12 @@ class Batch:
     client: str = ""
 
 
+#: How a ushape MIDDLE_GRAD without its pending FORWARD is refused (``FAILED_PRECONDITION``;
+#: docs/protocol.md quotes it). Nothing was applied: the torch client then sends the same
+#: FORWARD again and redoes its head (:meth:`SplitClient._ushape_rest`).
+NO_PENDING_FORWARD = "no ushape forward pending"
+
+
 def _not_ushape(host: SplitServer) -> PreconditionFailed:
     return PreconditionFailed(
         f"{Kind.MIDDLE_GRAD} is only valid in ushape; this server runs {host.config}"
@@ -266,7 +272,7 @@ class UShapeRules(StepRules):
         pending = None if session is None else host.table.peek_pending(session, message.step)
         if session is None or pending is None:
             raise PreconditionFailed(
-                f"no ushape forward pending for step {message.step} of this session; send "
+                f"{NO_PENDING_FORWARD} for step {message.step} of this session; send "
                 "FORWARD first"
             )
         if not isinstance(pending, _Pending):
