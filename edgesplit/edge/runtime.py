@@ -66,8 +66,27 @@ RUNTIME = "edge"
 
 
 
+@dataclass(kw_only=True)
+class _Wire:
+    """Bytes a run put on the wire (serialised envelopes), with the parts an
+    :class:`EdgeReport` states: envelope overhead, fp32 reference, probe copies."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_up_fp32: int = 0
+    bytes_probe: int = 0
+    envelope_up: int = 0
+    envelope_down: int = 0
+
+    def fp32_ratio(self) -> float | None:
+        """fp32 over sent bytes; the fp32 probe copies measure the codec, so they are left out."""
+        if self.bytes_up <= self.bytes_probe:
+            return None
+        return (self.bytes_up_fp32 - self.bytes_probe) / (self.bytes_up - self.bytes_probe)
+
+
 @dataclass
-class EdgeReport:
+class EdgeReport(_Wire):
     """What one :meth:`EdgeClient.run` did and measured.
 
     Attributes
@@ -130,12 +149,6 @@ class EdgeReport:
     accuracy: float | None = None
     loss: float | None = None
     labelled: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    bytes_up_fp32: int = 0
-    bytes_probe: int = 0
-    envelope_up: int = 0
-    envelope_down: int = 0
     ratio_up: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_ms_total: dict[str, float] = field(default_factory=dict)
@@ -160,12 +173,7 @@ class _Totals:
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         (*LATENCY_PARTS, "total"), 0.0))
-    bytes_up: int = 0
-    bytes_down: int = 0
-    bytes_up_fp32: int = 0
-    bytes_probe: int = 0
-    envelope_up: int = 0
-    envelope_down: int = 0
+    wire: _Wire = field(default_factory=_Wire)
     correct: int = 0
     labelled: int = 0
     loss_sum: float = 0.0
@@ -459,15 +467,8 @@ class EdgeClient:
             accuracy=t.correct / t.labelled if t.labelled else None,
             loss=t.loss_sum / t.loss_n if t.loss_n else None,
             labelled=t.labelled,
-            bytes_up=t.bytes_up,
-            bytes_down=t.bytes_down,
-            bytes_up_fp32=t.bytes_up_fp32,
-            bytes_probe=t.bytes_probe,
-            envelope_up=t.envelope_up,
-            envelope_down=t.envelope_down,
-            # the fp32 probe copies measure the codec; they are not part of its ratio
-            ratio_up=(t.bytes_up_fp32 - t.bytes_probe) / (t.bytes_up - t.bytes_probe)
-            if t.bytes_up > t.bytes_probe else None,
+            **asdict(t.wire),
+            ratio_up=t.wire.fp32_ratio(),
             latency_ms={k: v * 1e3 / max(batches, 1) for k, v in t.seconds.items()},
             latency_ms_total={k: v * 1e3 for k, v in t.seconds.items()},
             connect_ms=connect_ms,
@@ -536,14 +537,15 @@ class EdgeClient:
         t.seconds["decode"] += (end - t_network) - head_seconds
         t.seconds["total"] += end - start
         sent = self._last
-        t.bytes_up += sent.up
-        t.envelope_up += sent.up - sent.message.tensor_bytes()
-        t.bytes_up_fp32 += sent.up + _resized(sent.message, "act", fp32_frame_size(act.shape))
-        t.bytes_down += sent.down
-        t.envelope_down += sent.down - sent.reply.tensor_bytes()
+        wire = t.wire
+        wire.bytes_up += sent.up
+        wire.envelope_up += sent.up - sent.message.tensor_bytes()
+        wire.bytes_up_fp32 += sent.up + _resized(sent.message, "act", fp32_frame_size(act.shape))
+        wire.bytes_down += sent.down
+        wire.envelope_down += sent.down - sent.reply.tensor_bytes()
         if probe:
             t.probes += 1
-            t.bytes_probe += -_resized(sent.message, "act_ref", None)
+            wire.bytes_probe += -_resized(sent.message, "act_ref", None)
         if self.mode == "train":
             # a reply carries the server's report only when asked (report: true); it covers
             # the session's steps since its previous report, and a reply without one none
@@ -636,7 +638,7 @@ def _info(t: _Totals) -> str:
     parts = []
     if t.labelled:
         parts.append(f"acc {t.correct / t.labelled:.3f}")
-    parts.append(f"↑ {t.bytes_up / 1024:.1f} KiB")
+    parts.append(f"↑ {t.wire.bytes_up / 1024:.1f} KiB")
     return "  ".join(parts)
 
 
