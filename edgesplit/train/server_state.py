@@ -85,6 +85,8 @@ def export_state(server: SplitServer) -> tuple[dict[str, Any], dict[str, Any]]:
                 "codec": s.codec,
                 "hello": s.hello,
                 "index": s.index,
+                # the loss/correct totals since the session's last report (a restart keeps them)
+                "report": list(s.report),
             }
             for s in sessions
         },
@@ -130,6 +132,9 @@ def import_state(server: SplitServer, tensors: dict[str, Any], meta: dict[str, A
             state.family = codec_family(state.codec) if state.codec else None
             index = terms.get("index")
             state.index = None if index is None else int(index)
+            report = terms.get("report")
+            if report:
+                state.report = [float(report[0]), int(report[1]), int(report[2])]
     for name, st in meta["stats"].items():
         server.stats[name] = ClientStats(**st)
     if server.drift is not None:

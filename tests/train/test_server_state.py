@@ -89,3 +89,21 @@ def test_splitfed_order_and_index_owners_survive_a_restart():
     hello = Message(Kind.HELLO, "x", "mallory", 0, meta={"mode": "infer", "index": 1})
     taken = again.handle(hello)
     assert taken.kind == Kind.ERROR and "belongs to client 'c1'" in taken.meta["message"]
+
+
+def test_the_loss_report_covers_steps_from_before_a_restart():
+    server = _server()
+    for step in (1, 2):  # no report asked: the replies carry no loss
+        forward = Message(Kind.FORWARD, "t", "alice", step, {"act": _act(), "labels": LABELS})
+        reply = server.handle(forward)
+        assert reply.kind == Kind.GRADIENT and "loss" not in reply.meta
+    again = _restart(server)
+    asked = Message(
+        Kind.FORWARD, "t", "alice", 3, {"act": _act(), "labels": LABELS}, {"report": True}
+    )
+    report = again.handle(asked).meta
+    assert report["n"] == 12  # the three batches of 4, two of them before the restart
+    assert 0 <= report["correct"] <= 12 and report["loss"] > 0
+    later = Message(Kind.FORWARD, "t", "alice", 4, {"act": _act(), "labels": LABELS})
+    nothing = again.handle(later)
+    assert "loss" not in nothing.meta  # reported totals start over
