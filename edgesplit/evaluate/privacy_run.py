@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from edgesplit.data import load_dataset
 from edgesplit.errors import ConfigError
 from edgesplit.evaluate import privacy
 from edgesplit.train.spec import TrainResult, TrainSpec
 from edgesplit.transport.base import Handler, Transport
 from edgesplit.transport.inprocess import InProcessTransport
 from edgesplit.wire.frame import decode_frame, encode_frame
+from edgesplit.wire.labels import PACKED_LABELS, unpack_labels
 from edgesplit.wire.messages import Kind, Message
 
 #: Reconstructions kept per cell for the report's image grid.
@@ -133,10 +135,13 @@ class GradientLog:
 class RecordingTransport:
     """An in-process transport that also logs each training gradient the server returns."""
 
-    def __init__(self, handler: Handler, name: str, log: GradientLog) -> None:
+    def __init__(
+        self, handler: Handler, name: str, log: GradientLog, num_classes: int | None = None
+    ) -> None:
         self.inner = InProcessTransport(handler)
         self.name = name
         self.log = log
+        self.num_classes = num_classes
 
     @property
     def wire_bytes_up(self) -> int:
@@ -152,9 +157,13 @@ class RecordingTransport:
         if (message.kind == Kind.FORWARD and message.meta.get("want_grad", True) is not False
                 and reply.kind == Kind.GRADIENT and "grad" in reply.tensors
                 and not self.log.full(self.name)):
-            labels = (np.asarray(decode_frame(message.tensors["labels"])).astype(np.int64)
-                      if "labels" in message.tensors else None)
             grad = np.asarray(decode_frame(reply.tensors["grad"]), dtype=np.float32)
+            labels = None
+            if "labels" in message.tensors:
+                labels = np.asarray(decode_frame(message.tensors["labels"])).astype(np.int64)
+            elif PACKED_LABELS in message.tensors and self.num_classes is not None:
+                packed = message.tensors[PACKED_LABELS]
+                labels = unpack_labels(packed, len(grad), self.num_classes)
             self.log.add(self.name, grad, labels)
         return reply
 
@@ -174,9 +183,11 @@ def train_and_attack(spec: TrainSpec, options: PrivacyOptions | None = None
     options = options or PrivacyOptions()
     options.validate()
     log = GradientLog(options.label_batches)
+    # labels travel as bare packed class ids ("y"): reading them needs the class count
+    num_classes = load_dataset(spec.data).num_classes
 
     def factory(handler: Handler, name: str) -> Transport:
-        return RecordingTransport(handler, name, log)
+        return RecordingTransport(handler, name, log, num_classes)
 
     trained = run_training(spec, transport_factory=factory,
                            on_epoch=lambda *_: log.next_epoch())
