@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_edge(args: argparse.Namespace) -> int:
     """The torch-free path: bundle + data + gRPC."""
+    from edgesplit.cli.progress import edge_progress
     from edgesplit.data import iid_shard_indices
     from edgesplit.edge.bundle import load_bundle
     from edgesplit.edge.runtime import EdgeClient
@@ -241,7 +242,8 @@ def run_edge(args: argparse.Namespace) -> int:
                             session=args.session)
         # check before connecting: a wrong data file should not cost a round trip
         x, y = client.check_data(x, y)
-        report = client.run(x, y, progress=not args.json)
+        with edge_progress(not args.json) as on_progress:
+            report = client.run(x, y, on_progress=on_progress)
     if args.json:
         from edgesplit.cli.common import print_json
 

@@ -224,13 +224,15 @@ def add_parser(
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, write the outputs, print a summary (or the JSON). Returns 0."""
     from edgesplit.cli.common import print_json, set_threads
+    from edgesplit.cli.progress import sweep_progress
     from edgesplit.evaluate.sweep import run_sweep
 
     set_threads(args)
     sweep_args = to_sweep_args(args)
     check_cuts(sweep_args)
     # progress goes to stderr, so it does not disturb --json on stdout
-    result = run_sweep(sweep_args, progress=not args.no_progress)
+    with sweep_progress(not args.no_progress) as on_progress:
+        result = run_sweep(sweep_args, on_progress=on_progress)
     doc = result.to_json()
     if args.json:
         print_json(doc)

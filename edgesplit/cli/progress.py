@@ -6,7 +6,7 @@ drawn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -74,3 +74,77 @@ def epoch_progress(label: str, epochs: int, *, quiet: bool = False,
         yield progress
     finally:
         progress.close()
+
+
+@contextmanager
+def sweep_progress(show: bool = True) -> Iterator[Callable[[str, int, int], None] | None]:
+    """``on_progress(label, finished, total)`` for :func:`edgesplit.evaluate.sweep.run_sweep`.
+
+    One bar on stderr: the running cell's label, cells finished out of the total. ``None`` when
+    not ``show`` (``--no-progress``).
+    """
+    if not show:
+        yield None
+        return
+    bar = _Bar("[bold]evaluate[/] {task.description}", spinner=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+@contextmanager
+def edge_progress(show: bool = True) -> Iterator[Callable[[str, int, int, str], None] | None]:
+    """``on_progress(label, done, total, info)`` for :meth:`edgesplit.edge.runtime.EdgeClient.run`.
+
+    One bar on stderr: samples sent out of the total, with the running accuracy / bytes. ``None``
+    when not ``show`` (``--json``). Needs only rich, so it works on the torch-free install.
+    """
+    if not show:
+        yield None
+        return
+    bar = _Bar("{task.description}", info=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+class _Bar:
+    """One rich bar on stderr, started on its first update."""
+
+    def __init__(self, description: str, *, spinner: bool = False,
+                 info: bool = False) -> None:
+        self.description, self.spinner, self.info = description, spinner, info
+        self._bar: Any = None
+        self._task: Any = None
+
+    def _start(self, label: str, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        columns: list[Any] = [SpinnerColumn()] if self.spinner else []
+        columns += [TextColumn(self.description), BarColumn(), MofNCompleteColumn()]
+        if self.info:
+            columns.append(TextColumn("{task.fields[info]}"))
+        columns.append(TimeElapsedColumn())
+        self._bar = Progress(*columns, console=Console(stderr=True))
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=total, info="")
+
+    def update(self, label: str, completed: int, total: int, info: str = "") -> None:
+        if self._bar is None:
+            self._start(label, total)
+        self._bar.update(self._task, description=label, completed=completed, total=total,
+                         info=info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

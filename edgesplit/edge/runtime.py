@@ -60,6 +60,8 @@ MODES = ("infer", "train")
 #: Latency components, in the order tables show them; ``total`` is the measured wall time.
 LATENCY_PARTS = ("compute", "encode", "network", "decode")
 RUNTIME = "edge"
+#: ``on_progress(label, samples_done, samples_total, info)`` (see :meth:`EdgeClient.run`)
+EdgeProgress = Callable[[str, int, int, str], None]
 
 
 
@@ -404,7 +406,8 @@ class EdgeClient:
         return welcome
 
     # ------------------------------------------------------------------ running
-    def run(self, x: Any, y: Any = None, progress: bool = True) -> EdgeReport:
+    def run(self, x: Any, y: Any = None,
+            on_progress: EdgeProgress | None = None) -> EdgeReport:
         """Send ``x`` (and ``y``) to the server batch by batch and report.
 
         Parameters
@@ -413,8 +416,10 @@ class EdgeClient:
             Samples, shape ``(N, *input shape)`` of the bundle (vertical: all features).
         y:
             Class ids, one per sample; required in train mode.
-        progress:
-            Show a progress bar on stderr.
+        on_progress:
+            Called after every batch as ``on_progress(label, samples_done, samples_total,
+            info)``; ``info`` is the running accuracy / bytes sent. The CLI draws its progress
+            bar from it (:func:`edgesplit.cli.progress.edge_progress`); ``None`` reports nothing.
 
         Returns
         -------
@@ -444,16 +449,17 @@ class EdgeClient:
         pred = np.empty(n, dtype=np.int64) if self.mode == "infer" else None
         totals = _Totals()
         batches = 0
-        with _progress(progress, f"{self.mode} {self.codec.spec}", n) as advance:
-            for start in range(0, n, self.batch_size):
-                idx = order[start : start + self.batch_size]
-                yb = y[idx] if y is not None else None
-                out = self._batch(x[idx], yb, idx, batches, totals,
-                                  last=start + self.batch_size >= n)
-                if pred is not None and out is not None:
-                    pred[idx] = out
-                batches += 1
-                advance(len(idx), _info(totals))
+        label = f"{self.mode} {self.codec.spec} samples"
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yb = y[idx] if y is not None else None
+            out = self._batch(x[idx], yb, idx, batches, totals,
+                              last=start + self.batch_size >= n)
+            if pred is not None and out is not None:
+                pred[idx] = out
+            batches += 1
+            if on_progress is not None:
+                on_progress(label, start + len(idx), n, _info(totals))
         after = _transport_counters(self.transport)
         t = totals
         report = EdgeReport(
@@ -644,7 +650,11 @@ def _info(t: _Totals) -> str:
 
 @contextmanager
 def _progress(show: bool, label: str, total: int) -> Iterator[Callable[[int, str], None]]:
-    """Yield ``advance(samples, info)``; a rich bar on stderr when ``show``."""
+    """Yield ``advance(samples, info)``; a rich bar on stderr when ``show``.
+
+    Only :meth:`edgesplit.edge.trainer.EdgeTrainer.fit` still draws its bar here;
+    :meth:`EdgeClient.run` reports through its ``on_progress`` callback instead.
+    """
     if not show:
         yield lambda _n, _info: None
         return

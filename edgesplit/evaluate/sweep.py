@@ -24,7 +24,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ PRIVACY_SCHEMA = 2
 PREDICTION_BYTES = 8
 
 TrainFn = Callable[[TrainSpec], TrainResult]
+#: ``on_progress(label, finished, total)`` (see :func:`run_sweep`)
+SweepProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -160,8 +162,9 @@ class SweepResult:
 # Running
 
 
-def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool = True,
-              *, write_report: bool = True) -> SweepResult:
+def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None,
+              on_progress: SweepProgress | None = None, *,
+              write_report: bool = True) -> SweepResult:
     """Run (or resume) the sweep described by ``args``.
 
     Every cut x codec x seed is trained through ``train_fn`` (or taken from the cache), rows are
@@ -178,8 +181,11 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
         every cut x codec is trained by :func:`edgesplit.evaluate.privacy_run.train_and_attack`
         instead (the same engine, with a transport that records the returned gradients), and
         its attacks fill ``row["privacy"]``.
-    progress:
-        Show rich progress bars on stderr (stdout stays free for ``--json``).
+    on_progress:
+        Called as ``on_progress(label, finished, total)`` when a cell starts (``label`` names it)
+        and when it is finished (trained or taken from the cache); ``finished`` counts the cells
+        done so far out of ``total``. The CLI draws its progress bar from it
+        (:func:`edgesplit.cli.progress.sweep_progress`); ``None`` reports nothing.
     write_report:
         Write ``results.json``, ``results.csv``, ``report.md`` and the plots to ``args.out``.
 
@@ -214,34 +220,41 @@ def run_sweep(args: SweepArgs, train_fn: TrainFn | None = None, progress: bool =
     results: dict[tuple[str, str], list[TrainResult]] = {}
     leaks: dict[tuple[str, str], dict[str, Any]] = {}
     trained = reused = 0
-    with _progress(progress, len(cells)) as advance:
-        for cut, codec, seed in cells:
-            spec = make_spec(args, cut, codec, seed)
-            key = cell_key(spec)
-            path = cache / f"{_slug(cut, codec, seed)}-{_digest(key)}.json"
-            result = None if args.fresh else load_cell(path, key)
-            label = f"{cut} · {codec} · seed {seed}"
-            fresh = None
-            if args.privacy and seed == args.seed:
-                # once per cut x codec: the attacked run is also the cell's first seed
-                advance(label + " · privacy", False)
-                leak, fresh = _privacy_cell(args, spec, key, cache, cut, codec, seed, path)
-                leaks[(cut, codec)] = leak
-            if fresh is not None:
-                result = fresh
-                trained += 1
-            elif result is None:
-                advance(label, False)
-                try:
-                    result = _as_result(train_fn(spec))
-                except EdgesplitError as exc:
-                    raise type(exc)(f"cut {cut!r}, codec {codec!r}, seed {seed}: {exc}") from exc
-                save_cell(path, key, result)
-                trained += 1
-            else:
-                reused += 1
-            advance(label, True)
-            results.setdefault((cut, codec), []).append(result)
+    finished = 0
+
+    def advance(label: str, done: bool) -> None:
+        nonlocal finished
+        finished += 1 if done else 0
+        if on_progress is not None:
+            on_progress(label, finished, len(cells))
+
+    for cut, codec, seed in cells:
+        spec = make_spec(args, cut, codec, seed)
+        key = cell_key(spec)
+        path = cache / f"{_slug(cut, codec, seed)}-{_digest(key)}.json"
+        result = None if args.fresh else load_cell(path, key)
+        label = f"{cut} · {codec} · seed {seed}"
+        fresh = None
+        if args.privacy and seed == args.seed:
+            # once per cut x codec: the attacked run is also the cell's first seed
+            advance(label + " · privacy", False)
+            leak, fresh = _privacy_cell(args, spec, key, cache, cut, codec, seed, path)
+            leaks[(cut, codec)] = leak
+        if fresh is not None:
+            result = fresh
+            trained += 1
+        elif result is None:
+            advance(label, False)
+            try:
+                result = _as_result(train_fn(spec))
+            except EdgesplitError as exc:
+                raise type(exc)(f"cut {cut!r}, codec {codec!r}, seed {seed}: {exc}") from exc
+            save_cell(path, key, result)
+            trained += 1
+        else:
+            reused += 1
+        advance(label, True)
+        results.setdefault((cut, codec), []).append(result)
 
     rows = [aggregate(cut, codec, results[(cut, codec)], args)
             for cut in cuts for codec in args.codecs]
@@ -538,33 +551,6 @@ def _file_fingerprint(ref: str) -> list[int] | None:
     except OSError:
         return None
     return None
-
-
-@contextlib.contextmanager
-def _progress(show: bool, total: int) -> Iterator[Callable[[str, bool], None]]:
-    """``advance(label, done)``: show ``label`` as running, or count it as finished."""
-    if not show:
-        yield lambda label, done: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (SpinnerColumn(), TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("", total=total)
-
-        def advance(label: str, done: bool) -> None:
-            bar.update(task, description=label, advance=1 if done else 0)
-
-        yield advance
 
 
 # ---------------------------------------------------------------------------------------------

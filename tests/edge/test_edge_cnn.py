@@ -48,7 +48,7 @@ def test_cnn_edge_runtime_infers_over_grpc(cnn: Any, serve: Any, token: str) -> 
     bundle = load_bundle(cnn.bundle)
     with GrpcTransport(served.address, token) as transport:
         report = EdgeClient(bundle, transport, mode="infer").run(cnn.x_test, cnn.y_test,
-                                                                 progress=False)
+                                                                 on_progress=None)
     assert report.samples == len(cnn.y_test)
     # the same model as the in-process run, with q8 on the wire: within a point of it
     assert report.accuracy == pytest.approx(cnn.accuracy, abs=0.01)
@@ -66,7 +66,7 @@ def test_cnn_int8_export_runs_on_the_edge(cnn: Any, serve: Any, token: str,
     served = serve(cnn)
     with GrpcTransport(served.address, token) as transport:
         edge = EdgeClient(load_bundle(report.bundle), transport, mode="infer").run(
-            cnn.x_test, cnn.y_test, progress=False)
+            cnn.x_test, cnn.y_test, on_progress=None)
     # the edge run reproduces the accuracy the exporter measured for int8
     assert edge.accuracy == pytest.approx(report.manifest["int8_accuracy"], abs=0.01)
     assert abs(report.manifest["int8_accuracy_change"]) <= 3.0

@@ -111,7 +111,7 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
     with GrpcTransport(served.address, token) as grpc_transport:
         rec = Recording(grpc_transport)
         train = EdgeClient(bundle, rec, mode="train", probe_every=5, batch_size=64).run(
-            vanilla.x_train, vanilla.y_train, progress=False)
+            vanilla.x_train, vanilla.y_train, on_progress=None)
 
         # message flow: HELLO first, then one FORWARD per batch, steps 0, 1, 2, ...
         assert [m.step for m in rec.sent] == list(range(len(rec.sent)))
@@ -194,7 +194,7 @@ def test_train_then_infer_on_digits(vanilla, serve, token):
 
         rec.clear()
         infer = EdgeClient(bundle, rec, mode="infer", probe_every=3).run(
-            vanilla.x_test, vanilla.y_test, progress=False)
+            vanilla.x_test, vanilla.y_test, on_progress=None)
         assert infer.accuracy is not None and infer.accuracy >= 0.9
         assert infer.predictions == len(vanilla.x_test) == len(infer.pred)
         assert infer.accuracy == pytest.approx(float(np.mean(infer.pred == vanilla.y_test)))
@@ -222,10 +222,17 @@ def test_predictions_follow_input_order(vanilla, serve, token):
     bundle = load_bundle(vanilla.bundle)
     x = vanilla.x_test[:45]
     with GrpcTransport(served.address, token) as transport:
-        full = EdgeClient(bundle, transport, batch_size=16, codec="fp32").run(x, progress=False)
+        seen: list[tuple[str, int, int, str]] = []
+        full = EdgeClient(bundle, transport, batch_size=16, codec="fp32").run(
+            x, on_progress=lambda *a: seen.append(a))
         one = EdgeClient(bundle, transport, batch_size=45, codec="fp32").run(x[::-1],
-                                                                            progress=False)
+                                                                            on_progress=None)
     assert full.accuracy is None and full.labelled == 0 and full.batches == 3
+    # one call per batch: samples done so far out of the total, the running bytes as info
+    assert [(label, done, total) for label, done, total, _ in seen] == [
+        ("infer fp32 samples", 16, 45), ("infer fp32 samples", 32, 45),
+        ("infer fp32 samples", 45, 45)]
+    assert all("KiB" in info for *_, info in seen)
     np.testing.assert_array_equal(full.pred, one.pred[::-1])
 
 
@@ -236,7 +243,7 @@ def test_ushape_infer_runs_the_head_on_the_device(ushape, serve, token):
     with GrpcTransport(served.address, token) as transport:
         rec = Recording(transport)
         report = EdgeClient(bundle, rec, mode="infer").run(ushape.x_test, ushape.y_test,
-                                                           progress=False)
+                                                           on_progress=None)
         with pytest.raises(ConfigError, match="frozen edge client cannot train"):
             EdgeClient(bundle, rec, mode="train")
     # labels never leave a ushape client; the server answers with its middle output
@@ -260,7 +267,7 @@ def test_wrong_server_configuration_is_refused_naming_both(ushape, vanilla, serv
         with pytest.raises(ConfigError, match="the server refused bundle 'digits-ushape' "
                            r"\(ushape, infer, .*\): this client was trained as ushape, but "
                            "the server runs vanilla") as info:
-            EdgeClient(bundle, rec).run(ushape.x_test[:8], progress=False)
+            EdgeClient(bundle, rec).run(ushape.x_test[:8], on_progress=None)
     message = str(info.value)
     assert "\n" not in message
     assert "connect to a ushape server, or use a vanilla bundle" in message
@@ -292,7 +299,7 @@ def test_welcome_for_another_configuration_is_a_config_error(ushape):
     server = WelcomeAs("vanilla")
     with pytest.raises(ConfigError, match="'digits-ushape' was trained as ushape, but the "
                        "server runs vanilla"):
-        EdgeClient(load_bundle(ushape.bundle), server).run(ushape.x_test[:8], progress=False)
+        EdgeClient(load_bundle(ushape.bundle), server).run(ushape.x_test[:8], on_progress=None)
     assert [m.kind for m in server.sent] == [Kind.HELLO]
 
 
@@ -313,7 +320,7 @@ def test_welcome_for_another_configuration_is_a_config_error(ushape):
 def test_bad_data_is_refused_before_anything_is_sent(vanilla, x, y, mode, match):
     client = EdgeClient(load_bundle(vanilla.bundle), NoServer(), mode=mode)
     with pytest.raises(ConfigError, match=match):
-        client.run(x, y, progress=False)
+        client.run(x, y, on_progress=None)
 
 
 def test_data_is_converted_to_float32(vanilla):
@@ -341,7 +348,7 @@ def test_codec_override_is_sent(vanilla, serve, token):
     with GrpcTransport(served.address, token) as transport:
         rec = Recording(transport)
         report = EdgeClient(load_bundle(vanilla.bundle), rec, codec="q4+zstd").run(
-            vanilla.x_test[:64], vanilla.y_test[:64], progress=False)
+            vanilla.x_test[:64], vanilla.y_test[:64], on_progress=None)
     assert report.codec == "q4+zstd" and rec.sent[0].meta["codec"] == "q4+zstd"
     assert read_header(rec.sent[1].tensors["act"]).codec == "q4+zstd"
 
@@ -386,7 +393,7 @@ def test_vertical_parties_send_their_own_features(vertical, serve, token):
         try:
             with GrpcTransport(served.address, tokens[k], timeout=60) as transport:
                 client = EdgeClient(bundle, transport, mode=mode, group="run-1", batch_size=64)
-                reports[(k, mode)] = client.run(x, y if k == 0 else None, progress=False)
+                reports[(k, mode)] = client.run(x, y if k == 0 else None, on_progress=None)
         except BaseException as exc:  # surfaced in the main thread below
             errors.append(exc)
 

@@ -66,7 +66,7 @@ def test_edge_report_counts_the_envelopes_it_sends_and_receives(vanilla, serve, 
         counting = Counting(grpc)
         x, y = vanilla.x_test[:200], vanilla.y_test[:200]
         report = EdgeClient(bundle, counting, mode="infer", probe_every=3, batch_size=64).run(
-            x, y, progress=False
+            x, y, on_progress=None
         )
     hello, *batches = counting.exchanges
     assert hello[0].kind == Kind.HELLO and len(batches) == report.batches == 4
@@ -117,7 +117,7 @@ def test_labels_travel_as_a_frame_when_the_welcome_offers_no_packed_labels(
     with GrpcTransport(running.address, token) as grpc:
         counting = Counting(grpc)
         report = EdgeClient(bundle, counting, mode="train", batch_size=50).run(
-            x, y, progress=False
+            x, y, on_progress=None
         )
     (hello, welcome, *_), *batches = counting.exchanges
     assert "labels" not in welcome.meta

@@ -137,7 +137,7 @@ def test_cli_trains_over_grpc_to_093_and_writes_back_a_bundle(trainable, start_s
     assert "trainable" not in bundle.manifest
     with GrpcTransport(running.address, token) as transport:
         infer = EdgeClient(bundle, transport, mode="infer").run(
-            trainable.x_test, trainable.y_test, progress=False)
+            trainable.x_test, trainable.y_test, on_progress=None)
     assert infer.accuracy == pytest.approx(report["accuracy"])
 
 

@@ -236,7 +236,7 @@ def test_sweep_refuses_bad_privacy_options(tmp_path: Path, kwargs: dict, match: 
     args = SweepArgs(cuts=["relu1"], codecs=["fp32"], seeds=1, epochs=1,
                      out=str(tmp_path), **kwargs)
     with pytest.raises(ConfigError, match=match):
-        run_sweep(args, progress=False, write_report=False)
+        run_sweep(args, on_progress=None, write_report=False)
 
 
 def test_gradient_log_keeps_at_most_the_asked_batches_and_pairs_passive_parties() -> None:

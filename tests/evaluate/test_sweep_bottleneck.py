@@ -27,7 +27,7 @@ def test_bad_entries_are_refused_before_training(entry: str, message: str) -> No
     trained: list[object] = []
     with pytest.raises(ConfigError, match=message):
         run_sweep(SweepArgs(codecs=["fp32", entry], cuts=["relu1"], seeds=1, epochs=1),
-                  train_fn=trained.append, progress=False, write_report=False)
+                  train_fn=trained.append, on_progress=None, write_report=False)
     assert trained == []  # nothing trained before the refusal
 
 
@@ -35,7 +35,7 @@ def test_bad_entries_are_refused_before_training(entry: str, message: str) -> No
 def test_bottleneck_cells_train_and_compare_to_the_fp32_cut(tmp_path) -> None:
     args = SweepArgs(codecs=["fp32", "bn:8:2"], cuts=["relu1", "relu2"], seeds=2, epochs=2,
                      out=str(tmp_path), devices=["rpi4"], links=["wifi"])
-    rows = {(r["cut"], r["codec"]): r for r in run_sweep(args, progress=False).rows}
+    rows = {(r["cut"], r["codec"]): r for r in run_sweep(args, on_progress=None).rows}
     for cut in ("relu1", "relu2"):
         plain, neck = rows[(cut, "fp32")], rows[(cut, "bn:8:2")]
         assert neck["bottleneck"] == "8:2" and plain["bottleneck"] is None

@@ -69,13 +69,13 @@ def _args(out: Path, **kw: object) -> SweepArgs:
 
 def test_rerun_trains_nothing(tmp_path: Path) -> None:
     fn = Counter()
-    first = run_sweep(_args(tmp_path), train_fn=fn, progress=False, write_report=False)
+    first = run_sweep(_args(tmp_path), train_fn=fn, on_progress=None, write_report=False)
     assert len(fn.calls) == 2 * 3 * 2
     assert (first.trained_cells, first.cached_cells) == (12, 0)
     assert len(list((tmp_path / CACHE_DIR).glob("*.json"))) == 12
 
     again = Counter()
-    second = run_sweep(_args(tmp_path), train_fn=again, progress=False, write_report=False)
+    second = run_sweep(_args(tmp_path), train_fn=again, on_progress=None, write_report=False)
     assert again.calls == []                               # zero new calls
     assert (second.trained_cells, second.cached_cells) == (0, 12)
     strip = ("latency",)
@@ -85,55 +85,55 @@ def test_rerun_trains_nothing(tmp_path: Path) -> None:
     # judging options are not part of the key: everything is reused
     judged = Counter()
     run_sweep(_args(tmp_path, max_drop=5.0, objective="bytes", links=["ble"]), train_fn=judged,
-              progress=False, write_report=False)
+              on_progress=None, write_report=False)
     assert judged.calls == []
 
     # a training option is: every cell again
     more = Counter()
-    run_sweep(_args(tmp_path, epochs=3), train_fn=more, progress=False, write_report=False)
+    run_sweep(_args(tmp_path, epochs=3), train_fn=more, on_progress=None, write_report=False)
     assert len(more.calls) == 12
 
     # one more seed: only the new cells
     extra = Counter()
-    run_sweep(_args(tmp_path, seeds=3), train_fn=extra, progress=False, write_report=False)
+    run_sweep(_args(tmp_path, seeds=3), train_fn=extra, on_progress=None, write_report=False)
     assert len(extra.calls) == 2 * 3 and {s.seed for s in extra.calls} == {2}
 
     fresh = Counter()
-    run_sweep(_args(tmp_path, fresh=True), train_fn=fresh, progress=False, write_report=False)
+    run_sweep(_args(tmp_path, fresh=True), train_fn=fresh, on_progress=None, write_report=False)
     assert len(fresh.calls) == 12
 
 
 def test_interrupt_loses_at_most_the_running_cell(tmp_path: Path) -> None:
     fn = Counter(fail_on=5)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(_args(tmp_path), train_fn=fn, progress=False, write_report=False)
+        run_sweep(_args(tmp_path), train_fn=fn, on_progress=None, write_report=False)
     assert len(fn.calls) == 4
     assert len(list((tmp_path / CACHE_DIR).glob("*.json"))) == 4
     assert not list((tmp_path / CACHE_DIR).glob("*.tmp*"))   # no half-written file
     resume = Counter()
-    run_sweep(_args(tmp_path), train_fn=resume, progress=False, write_report=False)
+    run_sweep(_args(tmp_path), train_fn=resume, on_progress=None, write_report=False)
     assert len(resume.calls) == 12 - 4
 
 
 def test_a_failing_cell_is_named_and_earlier_cells_stay(tmp_path: Path) -> None:
     fn = Counter(fail_on=3, exc=CodecError("unknown codec stage 'q3'"))
     with pytest.raises(CodecError, match=r"cut 'a', codec 'q8', seed 0: unknown codec"):
-        run_sweep(_args(tmp_path), train_fn=fn, progress=False, write_report=False)
+        run_sweep(_args(tmp_path), train_fn=fn, on_progress=None, write_report=False)
     assert len(list((tmp_path / CACHE_DIR).glob("*.json"))) == 2
 
 
 def test_corrupt_cache_file_is_retrained(tmp_path: Path) -> None:
-    run_sweep(_args(tmp_path), train_fn=Counter(), progress=False, write_report=False)
+    run_sweep(_args(tmp_path), train_fn=Counter(), on_progress=None, write_report=False)
     victim = sorted((tmp_path / CACHE_DIR).glob("*.json"))[0]
     victim.write_text("{ not json")
     fn = Counter()
-    run_sweep(_args(tmp_path), train_fn=fn, progress=False, write_report=False)
+    run_sweep(_args(tmp_path), train_fn=fn, on_progress=None, write_report=False)
     assert len(fn.calls) == 1
     assert json.loads(victim.read_text())["schema"] == 1
 
 
 def test_aggregation(tmp_path: Path) -> None:
-    res = run_sweep(_args(tmp_path), train_fn=Counter(), progress=False, write_report=False)
+    res = run_sweep(_args(tmp_path), train_fn=Counter(), on_progress=None, write_report=False)
     rows = {(r["cut"], r["codec"]): r for r in res.rows}
     assert len(rows) == 6
     fp32, q8, q4 = rows[("a", "fp32")], rows[("a", "q8")], rows[("a", "q4")]
@@ -160,7 +160,7 @@ def test_aggregation(tmp_path: Path) -> None:
 
 def test_compare_fl_and_infer_mode(tmp_path: Path) -> None:
     res = run_sweep(_args(tmp_path, compare_fl=True, latency_mode="infer", max_drop=5.0),
-                    train_fn=Counter(), progress=False, write_report=False)
+                    train_fn=Counter(), on_progress=None, write_report=False)
     assert res.fl_comparison is not None
     assert [r.clients for r in res.fl_comparison.rows] == [10, 100, 500]
     # one sample per request: a q4 frame of cut b fits a LoRa payload
@@ -175,7 +175,7 @@ def test_argument_errors(tmp_path: Path) -> None:
                       ({"objective": "fun"}, "objective"), ({"max_drop": -1.0}, "max-drop"),
                       ({"fl_codec": "q2"}, "fl-codec"), ({"latency_mode": "x"}, "latency")):
         with pytest.raises(ConfigError, match=match):
-            run_sweep(_args(tmp_path, **kw), train_fn=Counter(), progress=False,
+            run_sweep(_args(tmp_path, **kw), train_fn=Counter(), on_progress=None,
                       write_report=False)
 
 
@@ -186,8 +186,25 @@ def test_cut_elements_tolerates_a_batch_axis() -> None:
 
 
 def test_progress_and_report_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_sweep(_args(tmp_path, seeds=1, codecs=["fp32", "q8"]), train_fn=Counter(),
-              progress=True, write_report=True)
+    from edgesplit.cli.progress import sweep_progress
+
+    calls: list[tuple[str, int, int]] = []
+    with sweep_progress() as bar:
+        assert bar is not None
+
+        def on_progress(label: str, finished: int, total: int) -> None:
+            calls.append((label, finished, total))
+            bar(label, finished, total)
+
+        run_sweep(_args(tmp_path, seeds=1, codecs=["fp32", "q8"]), train_fn=Counter(),
+                  on_progress=on_progress, write_report=True)
+    # each cell is announced, then counted as finished
+    total = len(calls) // 2
+    assert total == 4                                   # 2 cuts x 2 codecs x 1 seed
+    assert [c[1:] for c in calls] == [(k + done, total) for k in range(total)
+                                      for done in (0, 1)]
+    labels = [c[0] for c in calls]
+    assert labels[::2] == labels[1::2] and len(set(labels)) == total
     out, err = capsys.readouterr()
     assert out == ""                                    # stdout stays free for --json
     for name in ("results.json", "results.csv", "report.md", "accuracy_vs_bytes.png",
