@@ -165,6 +165,8 @@ def train_remote(
             client.hand_off()
         if spec.config == "splitfed":
             client.federated_average(epoch, index, n_clients, sum(len(r) for r in plan))
+        # as in process: an entropy-coded codec (fq:B,ans) fits its model on this epoch's codes
+        client.refit_entropy_model()
         n = sum(r.n for r in results)
         row = {
             "loss": sum(r.loss * r.n for r in results) / n,

@@ -54,3 +54,21 @@ def test_train_remote_says_hello_first_and_bye_last_and_the_run_is_over():
     late = server.handle(Message(Kind.HELLO, "late", "client-1", 0, meta={"mode": "train"}))
     assert late.kind == Kind.ERROR and late.meta["code"] == "FAILED_PRECONDITION"
     assert "finished" in late.meta["message"]
+
+
+def test_a_networked_bottleneck_client_refits_its_entropy_model_like_in_process():
+    from edgesplit.train.engine import run_training
+
+    spec = TrainSpec(
+        epochs=2, seed=0, bottleneck="8:2", codec="fq:2,ans", grad_codec="q4:stochastic"
+    )
+    server, _ = server_fresh(spec)
+    transport = Kinds(InProcessTransport(server.handle))
+    remote = train_remote(transport, "digits", epochs=2)
+    local = run_training(spec).result
+    # the server received the client's entropy model, and the frames use it: the networked
+    # run costs about what the in-process run does (packing alone would cost 2 bits a value)
+    assert server._models.get("client-0") is not None and server._models["client-0"].models
+    per_sample_remote = remote["bytes_up"] / (2 * 1347)
+    per_sample_local = local.bytes_up / (2 * 1347)
+    assert per_sample_remote < 1.2 * per_sample_local
