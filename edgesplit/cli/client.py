@@ -258,6 +258,7 @@ def run_edge(args: argparse.Namespace) -> int:
 
 def run_edge_train(args: argparse.Namespace, bundle: Any) -> int:
     """On-device training of a trainable bundle (torch-free), then test accuracy."""
+    from edgesplit.cli.progress import edge_progress
     from edgesplit.data import iid_shard_indices
     from edgesplit.edge.optim import make_optimizer
     from edgesplit.edge.trainer import EdgeTrainer, load_trainable
@@ -281,9 +282,10 @@ def run_edge_train(args: argparse.Namespace, bundle: Any) -> int:
                               index=args.index, clients=args.clients)
         x, y = trainer.check_data(x, y)
         has_test = y_test is not None and x_test is not x
-        report = trainer.fit(x, y, epochs=args.epochs or 1,
-                             x_test=x_test if y_test is not None else None, y_test=y_test,
-                             progress=not args.json, save_bundle=args.save_bundle)
+        with edge_progress(not args.json) as on_progress:
+            report = trainer.fit(x, y, epochs=args.epochs or 1,
+                                 x_test=x_test if y_test is not None else None, y_test=y_test,
+                                 on_progress=on_progress, save_bundle=args.save_bundle)
     out = report.to_json()
     out["accuracy_on"] = "test" if has_test else "train"
     out["server"] = args.server

@@ -39,8 +39,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -648,37 +647,3 @@ def _info(t: _Totals) -> str:
     return "  ".join(parts)
 
 
-@contextmanager
-def _progress(show: bool, label: str, total: int) -> Iterator[Callable[[int, str], None]]:
-    """Yield ``advance(samples, info)``; a rich bar on stderr when ``show``.
-
-    Only :meth:`edgesplit.edge.trainer.EdgeTrainer.fit` still draws its bar here;
-    :meth:`EdgeClient.run` reports through its ``on_progress`` callback instead.
-    """
-    if not show:
-        yield lambda _n, _info: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(f"{label} samples", total=total, info="")
-
-        def advance(n: int, info: str) -> None:
-            bar.update(task, advance=n, info=info)
-
-        yield advance

@@ -51,7 +51,7 @@ from edgesplit.edge.bundle import (
     validate_manifest,
 )
 from edgesplit.edge.optim import Optimizer, make_optimizer
-from edgesplit.edge.runtime import EdgeClient, _Exchange, _progress, _resized
+from edgesplit.edge.runtime import EdgeClient, EdgeProgress, _Exchange, _resized
 from edgesplit.errors import ConfigError, ExportError, ProtocolError, TrainingDiverged
 from edgesplit.jsonable import jsonable
 from edgesplit.transport.base import Transport
@@ -649,11 +649,13 @@ class EdgeTrainer(EdgeClient):
 
     # ------------------------------------------------------------------ whole runs
     def fit(self, x: Any, y: Any, *, epochs: int = 1, x_test: Any = None, y_test: Any = None,
-            progress: bool = False, save_bundle: str | Path | None = None) -> TrainReport:
+            on_progress: EdgeProgress | None = None,
+            save_bundle: str | Path | None = None) -> TrainReport:
         """Train ``epochs`` passes over ``(x, y)``, then measure test accuracy.
 
-        A resumed trainer continues at its saved epoch and batch. Returns a
-        :class:`TrainReport`.
+        A resumed trainer continues at its saved epoch and batch. ``on_progress(label, done,
+        total, info)`` is called after every batch (the CLI draws its bar from it:
+        :func:`edgesplit.cli.progress.edge_progress`). Returns a :class:`TrainReport`.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -665,35 +667,35 @@ class EdgeTrainer(EdgeClient):
             self.hello_keep_step()
         n = len(x)
         steps = samples = 0
-        with _progress(progress, f"train {self.codec.spec}", n * max(epochs - self.epoch, 0)
-                       ) as advance:
-            while self.epoch < epochs:
-                order = self.epoch_order(n, self.epoch)
-                batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-                while self.batch < len(batches):
-                    idx = batches[self.batch]
-                    loss, correct, count = self.train_step(
-                        x[idx], y[idx] if y is not None else None, idx,
-                        report=self.batch == len(batches) - 1)   # the epoch's report
-                    self._epoch_sums[0] += loss * count
-                    self._epoch_sums[1] += correct
-                    self._epoch_sums[2] += count
-                    self.batch += 1
-                    steps += 1
-                    samples += len(idx)
-                    advance(len(idx), "")
-                    if self.batch < len(batches) and steps % self.checkpoint_every == 0:
-                        self.save()
-                if self.bundle.config == "splitfed":
-                    self.federated_average(self.epoch, n)
-                loss_sum, n_correct, n_seen = self._epoch_sums
-                self._history.append({
-                    "epoch": self.epoch, "loss": loss_sum / n_seen if n_seen else None,
-                    "train_accuracy": n_correct / n_seen if n_seen else None})
-                self._epoch_sums = [0.0, 0, 0]
-                self.epoch += 1
-                self.batch = 0
-                self.save()
+        label, total = f"train {self.codec.spec} samples", n * max(epochs - self.epoch, 0)
+        while self.epoch < epochs:
+            order = self.epoch_order(n, self.epoch)
+            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            while self.batch < len(batches):
+                idx = batches[self.batch]
+                loss, correct, count = self.train_step(
+                    x[idx], y[idx] if y is not None else None, idx,
+                    report=self.batch == len(batches) - 1)   # the epoch's report
+                self._epoch_sums[0] += loss * count
+                self._epoch_sums[1] += correct
+                self._epoch_sums[2] += count
+                self.batch += 1
+                steps += 1
+                samples += len(idx)
+                if on_progress is not None:
+                    on_progress(label, samples, total, "")
+                if self.batch < len(batches) and steps % self.checkpoint_every == 0:
+                    self.save()
+            if self.bundle.config == "splitfed":
+                self.federated_average(self.epoch, n)
+            loss_sum, n_correct, n_seen = self._epoch_sums
+            self._history.append({
+                "epoch": self.epoch, "loss": loss_sum / n_seen if n_seen else None,
+                "train_accuracy": n_correct / n_seen if n_seen else None})
+            self._epoch_sums = [0.0, 0, 0]
+            self.epoch += 1
+            self.batch = 0
+            self.save()
         seconds = time.perf_counter() - start
         accuracy = None
         test_n = 0

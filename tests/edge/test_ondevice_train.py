@@ -171,7 +171,11 @@ def test_a_rebooted_device_resumes_from_its_checkpoint(trainable, start_server, 
     second = EdgeTrainer(load_trainable(trainable.bundle), InProcessTransport(engine.handle),
                          state_dir=state, checkpoint_every=7)
     assert second.resumed_from == 14 and second.batch == 14   # the last checkpoint: step 14
-    resumed = second.fit(x, y, epochs=2)
+    calls: list[tuple[str, int, int, str]] = []
+    resumed = second.fit(x, y, epochs=2, on_progress=lambda *call: calls.append(call))
+    # the progress callback counts the samples this run sends, out of what was left to send
+    assert [c[1] for c in calls] == sorted({c[1] for c in calls}) and calls[-1][1] > 0
+    assert all(c[2] == 2 * len(y) for c in calls) and calls[0][0].startswith("train ")
     # steps 14..18 were applied by the server before the reboot: it answered them from its
     # records, so nothing was applied twice
     assert engine.steps_applied == 2 * -(-len(y) // 32)
