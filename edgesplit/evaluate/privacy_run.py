@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from edgesplit.data import load_dataset
 from edgesplit.errors import ConfigError
 from edgesplit.evaluate import privacy
 from edgesplit.train.spec import TrainResult, TrainSpec
@@ -88,13 +87,14 @@ class CellPrivacy:
 
 
 class GradientLog:
-    """Per epoch, per client name: the ``(gradient, labels or None)`` of every training step."""
+    """Per epoch, per client name: the ``(gradient, labels or None)`` of every training step.
+    Labels sent packed (``y``) are kept as their bytes and decoded by :meth:`batches`."""
 
     def __init__(self, max_batches: int | None = None) -> None:
         self.max_batches = max_batches
         self.epoch = 0
         self._lock = threading.Lock()
-        self.steps: list[dict[str, list[tuple[np.ndarray, np.ndarray | None]]]] = [{}]
+        self.steps: list[dict[str, list[tuple[np.ndarray, np.ndarray | bytes | None]]]] = [{}]
 
     def next_epoch(self) -> None:
         with self._lock:
@@ -107,25 +107,30 @@ class GradientLog:
             mine = self.steps[self.epoch].get(client, [])
             return self.max_batches is not None and len(mine) >= self.max_batches
 
-    def add(self, client: str, grad: np.ndarray, labels: np.ndarray | None) -> None:
+    def add(self, client: str, grad: np.ndarray, labels: np.ndarray | bytes | None) -> None:
         with self._lock:
             mine = self.steps[self.epoch].setdefault(client, [])
             if self.max_batches is None or len(mine) < self.max_batches:
                 mine.append((grad, labels))
 
-    def batches(self, label_holder: str, receivers: list[str]
+    def batches(self, label_holder: str, receivers: list[str], num_classes: int | None = None
                 ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per epoch, the receivers' ``(gradient, labels)`` batches; a receiver that sent no
-        labels (a vertical passive party) is paired with the label holder's i-th batch."""
+        labels (a vertical passive party) is paired with the label holder's i-th batch.
+        Packed labels need ``num_classes``."""
         out = []
         for epoch in self.steps:
             holder = epoch.get(label_holder, [])
             batches = []
             for name in receivers:
-                for i, (grad, labels) in enumerate(epoch.get(name, [])):
-                    if labels is None and i < len(holder):
-                        labels = holder[i][1]
-                    if labels is not None and len(labels) == len(grad):
+                for i, (grad, sent) in enumerate(epoch.get(name, [])):
+                    if sent is None and i < len(holder):
+                        sent = holder[i][1]
+                    labels = sent
+                    if isinstance(sent, bytes):
+                        labels = (unpack_labels(sent, len(grad), num_classes)
+                                  if num_classes is not None else None)
+                    if isinstance(labels, np.ndarray) and len(labels) == len(grad):
                         batches.append((grad, labels))
             if batches:
                 out.append(batches)
@@ -135,13 +140,10 @@ class GradientLog:
 class RecordingTransport:
     """An in-process transport that also logs each training gradient the server returns."""
 
-    def __init__(
-        self, handler: Handler, name: str, log: GradientLog, num_classes: int | None = None
-    ) -> None:
+    def __init__(self, handler: Handler, name: str, log: GradientLog) -> None:
         self.inner = InProcessTransport(handler)
         self.name = name
         self.log = log
-        self.num_classes = num_classes
 
     @property
     def wire_bytes_up(self) -> int:
@@ -158,12 +160,12 @@ class RecordingTransport:
                 and reply.kind == Kind.GRADIENT and "grad" in reply.tensors
                 and not self.log.full(self.name)):
             grad = np.asarray(decode_frame(reply.tensors["grad"]), dtype=np.float32)
-            labels = None
+            labels: np.ndarray | bytes | None = None
             if "labels" in message.tensors:
                 labels = np.asarray(decode_frame(message.tensors["labels"])).astype(np.int64)
-            elif PACKED_LABELS in message.tensors and self.num_classes is not None:
-                packed = message.tensors[PACKED_LABELS]
-                labels = unpack_labels(packed, len(grad), self.num_classes)
+            elif PACKED_LABELS in message.tensors:
+                # decoded after training, when the class count is known (no second data load)
+                labels = bytes(message.tensors[PACKED_LABELS])
             self.log.add(self.name, grad, labels)
         return reply
 
@@ -183,11 +185,9 @@ def train_and_attack(spec: TrainSpec, options: PrivacyOptions | None = None
     options = options or PrivacyOptions()
     options.validate()
     log = GradientLog(options.label_batches)
-    # labels travel as bare packed class ids ("y"): reading them needs the class count
-    num_classes = load_dataset(spec.data).num_classes
 
     def factory(handler: Handler, name: str) -> Transport:
-        return RecordingTransport(handler, name, log, num_classes)
+        return RecordingTransport(handler, name, log)
 
     trained = run_training(spec, transport_factory=factory,
                            on_epoch=lambda *_: log.next_epoch())
@@ -211,7 +211,8 @@ def _label_metrics(trained: Any, log: GradientLog) -> dict[str, Any]:
         return {"label_norm_auc": None, "label_cosine_auc": None, "label_auc": None,
                 "label_auc_note": "ushape: labels never leave the client"}
     receivers = names[1:] if spec.config == "vertical" else names
-    leak = privacy.label_leak(log.batches(names[0], receivers), trained.dataset.num_classes)
+    classes = trained.dataset.num_classes
+    leak = privacy.label_leak(log.batches(names[0], receivers, classes), classes)
     return {
         "label_norm_auc": leak.norm_auc,
         "label_cosine_auc": leak.cosine_auc,
